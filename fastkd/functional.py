@@ -1,0 +1,165 @@
+"""Public functional API and the autograd Function behind it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _torch_backend
+from ._validation import KDArgs, validate_kd_args
+from .reference import batchmean_divisor
+
+__all__ = ["kd_loss", "select_backend"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def select_backend(device: torch.device):
+    """The launcher module for `device`, chosen by FASTKD_BACKEND (auto | triton | torch).
+
+    auto runs Triton on CUDA tensors and PyTorch elsewhere. triton on CPU tensors needs
+    TRITON_INTERPRET=1, which runs the real kernels in Triton's interpreter.
+    """
+    choice = os.environ.get("FASTKD_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return _torch_backend
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true"):
+        raise RuntimeError(
+            f"FASTKD_BACKEND=triton got {device.type} tensors: the Triton kernels need CUDA "
+            "tensors, or TRITON_INTERPRET=1 to run them in Triton's interpreter"
+        )
+    from .kernels import kd_loss as triton_backend
+
+    return triton_backend
+
+
+def _row_weight(labels, args: KDArgs, device, dtype) -> torch.Tensor:
+    """The reduction's weight of each counted row, as a 0-d device tensor (never read on host)."""
+    if args.reduction == "mean":
+        if labels is not None:
+            counted = (labels != args.ignore_index).sum()
+            # All rows ignored: weight 1 over a zero sum, so the loss is 0 rather than 0/0.
+            return counted.clamp(min=1).to(dtype).reciprocal()
+        return torch.full((), 1.0 / max(args.num_rows, 1), dtype=dtype, device=device)
+    if args.reduction == "batchmean":
+        return torch.full((), 1.0 / batchmean_divisor(args.leading_shape), dtype=dtype,
+                          device=device)
+    return torch.ones((), dtype=dtype, device=device)
+
+
+class _FusedKDLoss(torch.autograd.Function):
+    """Loss and w * dloss/dlogits come from one forward launch; backward scales by grad_output."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, args, inplace_backward, backend,
+                student_grad, teacher_grad):
+        vocab = args.vocab_size
+        student_2d = student_logits.reshape(-1, vocab)
+        teacher_2d = teacher_logits.reshape(-1, vocab)
+        labels_1d = labels.reshape(-1) if labels is not None else None
+        weight_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        weight = _row_weight(labels_1d, args, student_logits.device, weight_dtype)
+
+        # In place only works if the 2-D view shares the student's storage (reshape did not copy).
+        inplace = (
+            inplace_backward
+            and student_grad
+            and student_2d.untyped_storage().data_ptr()
+            == student_logits.untyped_storage().data_ptr()
+        )
+        row_losses, grad_student, grad_teacher = backend.kd_forward(
+            student_2d, teacher_2d, labels_1d, weight,
+            temperature=args.temperature, alpha=args.alpha, ignore_index=args.ignore_index,
+            student_grad=student_grad, teacher_grad=teacher_grad,
+            grad_student_out=student_2d if inplace else None,
+        )
+        if inplace:
+            # The logits now hold the gradient: tell autograd, so any other op that saved them
+            # for its backward raises instead of silently using the overwritten values.
+            torch.autograd.graph.increment_version(student_logits)
+        ctx.grads = (grad_student, grad_teacher)
+        ctx.backend = backend
+        ctx.logits_shape = student_logits.shape
+        ctx.reduction = args.reduction
+        if args.reduction == "none":
+            return row_losses.reshape(args.leading_shape)
+        total = row_losses.sum()
+        return total if args.reduction == "sum" else total * weight.to(total.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fastkd.kd_loss computes its gradient once per forward and its backward can run "
+                "once; recompute the loss instead of calling backward twice (retain_graph)"
+            )
+        grads, ctx.grads = ctx.grads, None  # release the N x V buffers as soon as possible
+        results = []
+        for grad in grads:
+            if grad is not None:
+                ctx.backend.scale_rows_(grad, grad_output)
+                grad = grad.view(ctx.logits_shape)
+            results.append(grad)
+        return results[0], results[1], None, None, None, None, None, None
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Fused knowledge-distillation loss: temperature KL to the teacher plus hard-label CE.
+
+    Computes, in one pass over the logits and without N x V temporaries, the same value and
+    gradients as this PyTorch (``fastkd.reference.kd_loss`` is exactly this, made exact for masks)::
+
+        T = temperature
+        log_p_student = F.log_softmax(student_logits / T, dim=-1)
+        p_teacher = F.softmax(teacher_logits / T, dim=-1)
+        kl = (p_teacher * (p_teacher.log() - log_p_student)).sum(-1)   # 0 * log 0 = 0
+        ce = F.cross_entropy(student_logits.flatten(0, -2), labels.flatten(), reduction="none")
+        row_loss = alpha * T**2 * kl + (1 - alpha) * ce.view(kl.shape)   # 0 where labels == ignore_index
+        loss = row_loss.sum() / (labels != ignore_index).sum().clamp(min=1)   # reduction="mean"
+
+    Args:
+        student_logits: (..., V) float16/bfloat16/float32/float64 logits of the student.
+        teacher_logits: (..., V) logits of the teacher; its dtype may differ from the student's.
+            If it requires grad (mutual distillation), it gets the KL term's gradient too.
+        labels: (...) integer class ids, or None for pure distillation (then alpha must be 1).
+        temperature: T > 0, applied to both distributions of the KL term; CE uses T = 1.
+        alpha: weight of the KL term; None means 1.0 without labels and 0.5 with them.
+        ignore_index: rows whose label equals it contribute 0 loss and 0 gradient.
+        reduction: "mean" (over counted rows; 0.0, not NaN, when every row is ignored),
+            "sum", "batchmean" (sum / student_logits.size(0), like nn.KLDivLoss) or "none"
+            (per-row losses in the leading shape, fp32).
+        inplace_backward: write the student gradient into ``student_logits``' storage, saving an
+            N x V buffer. The logits are overwritten by the forward: do not read them afterwards.
+
+    Returns:
+        The loss in float32 (float64 for float64 student logits). A label outside [0, V) that is
+        not ignore_index makes its row's loss NaN; NaN logits give a NaN loss.
+    """
+    args = validate_kd_args(
+        student_logits, teacher_logits, labels,
+        temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+    )
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    backend = select_backend(student_logits.device)
+    grad_enabled = torch.is_grad_enabled()
+    student_grad = grad_enabled and student_logits.requires_grad
+    teacher_grad = grad_enabled and teacher_logits.requires_grad
+    return _FusedKDLoss.apply(
+        student_logits, teacher_logits, labels, args, inplace_backward, backend,
+        student_grad, teacher_grad,
+    )

@@ -1,0 +1,54 @@
+"""nn.Module wrapper of fastkd.kd_loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._validation import REDUCTIONS, resolve_alpha
+from .functional import kd_loss
+
+__all__ = ["KDLoss"]
+
+
+class KDLoss(nn.Module):
+    """Knowledge-distillation loss as a module; see :func:`fastkd.kd_loss` for the semantics.
+
+    Example::
+
+        criterion = fastkd.KDLoss(temperature=2.0, alpha=0.5)
+        loss = criterion(student_logits, teacher_logits, labels)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        alpha: float | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        inplace_backward: bool = False,
+    ):
+        super().__init__()
+        # Fail at construction, not at the first training step.
+        if alpha is not None:
+            resolve_alpha(alpha, has_labels=True)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.temperature = temperature
+        self.alpha = alpha
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.inplace_backward = inplace_backward
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        return kd_loss(
+            student_logits, teacher_logits, labels,
+            temperature=self.temperature, alpha=self.alpha, ignore_index=self.ignore_index,
+            reduction=self.reduction, inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha={self.alpha}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"inplace_backward={self.inplace_backward}")

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+
+setup(
+    name="fastkd",
+    version="0.1.0",
+    description="Fused Triton knowledge-distillation loss (KL + cross-entropy) for Transformers",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # kernels/ lives at the top of the repository but installs as fastkd.kernels: a top-level
+    # module called `kernels` would clash with an existing PyPI package.
+    packages=["fastkd", "fastkd.kernels"],
+    package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80"],
+        "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7", "tqdm>=4.60"],
+        "dev": [
+            "pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80", "matplotlib>=3.7",
+            "tqdm>=4.60", "ruff>=0.5",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
