@@ -34,7 +34,8 @@ Memory traffic per row of V elements (e = element size):
     first blocks are the ones sweep 1 touched last and still sit in L2, and writes the gradient:
     between 3 V e (all L2 hits) and 5 V e (none).
 Without a student gradient the write disappears (2 V e). Ignored rows read nothing and only write
-zeros to the gradient. Exponentials: 3 per element per sweep (2 when T == 1: p_s = p_s^T).
+zeros to the gradient. Exponentials per element: 3 for on-chip rows (reused for the gradient),
+3 per sweep for longer rows (2 when T == 1, where p_s = p_s^T).
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ import triton.language as tl
 
 import torch
 
-# Rows up to this many classes are held in registers: read once, no second sweep. 8192 fp32
-# values of s and t over 16 warps is 16 + 16 registers per thread, leaving room for the three
-# exponentials without spilling on sm_80/sm_90a (see `fastkd-bench --static`).
-MAX_ON_CHIP_V = 8192
+# Rows up to this many classes are held in registers: read once, no second sweep. Compiled for
+# sm_90a, 16384 classes over 16 warps (32 values per thread and operand) take 128 registers and
+# no spill stack; 32 warps, or anything wider, spill (see `fastkd-bench --static`).
+MAX_ON_CHIP_V = 16384
 # Block of the two-sweep loop for longer rows: 4096 elements over 8 warps gives 16 elements per
 # thread per operand, 16-byte vector loads for bf16/fp32, and enough bytes in flight per SM.
 LOOP_BLOCK_V = 4096
@@ -57,8 +58,8 @@ SCALE_BLOCK_V = 4096
 SCALE_NUM_WARPS = 4
 
 # Kernels work in base 2 (exp2/log2 are the native SFU ops); these convert from and to base e.
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -69,18 +70,11 @@ def _safe_max(m):
 
 
 @triton.jit
-def _kd_row_grad_block(
-    s, t, cols, label, m_s, m_t, log2_za, log2_zb, log2_z1, kl, inv_t, coef_kl, coef_ce,
-    SHARE_T1: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+def _kd_row_grads(
+    s, t, p_st, p_tt, p_s1, cols, label, m_s, m_t, log2_za, log2_zb, kl, inv_t, coef_kl, coef_ce,
+    TEACHER_GRAD: tl.constexpr,
 ):
-    """Gradient of one block of a row, from the row's final statistics (all fp32)."""
-    k_t = inv_t * LOG2E
-    p_st = tl.exp2((s - m_s) * k_t - log2_za)
-    p_tt = tl.exp2((t - m_t) * k_t - log2_zb)
-    if SHARE_T1:
-        p_s1 = p_st
-    else:
-        p_s1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
+    """Gradients of one block of a row from its probabilities and the row's final statistics."""
     onehot = (cols == label).to(tl.float32)
     grad_s = coef_kl * (p_st - p_tt) + coef_ce * (p_s1 - onehot)
     if TEACHER_GRAD:
@@ -134,13 +128,17 @@ def _kd_loss_fwd_kernel(
             t = tl.load(t_row + cols * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
             m_s = _safe_max(tl.max(s, axis=0))
             m_t = _safe_max(tl.max(t, axis=0))
+            # The exponentials stay in registers and become the probabilities of the gradient:
+            # 3 exp2 per element in all (2 when T == 1).
+            e_a = tl.exp2((s - m_s) * k_t)
             e_b = tl.exp2((t - m_t) * k_t)
-            z_a = tl.sum(tl.exp2((s - m_s) * k_t), axis=0)
+            z_a = tl.sum(e_a, axis=0)
             z_b = tl.sum(e_b, axis=0)
             if SHARE_T1:
-                z_1 = z_a
+                e_1 = e_a
             else:
-                z_1 = tl.sum(tl.exp2((s - m_s) * LOG2E), axis=0)
+                e_1 = tl.exp2((s - m_s) * LOG2E)
+            z_1 = tl.sum(e_1, axis=0)
             w_sum = tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
             shift = 0.0  # c - (m_t - m_s) with c = m_t - m_s
         else:
@@ -205,9 +203,9 @@ def _kd_loss_fwd_kernel(
             coef_kl = weight * alpha * temperature
             coef_ce = weight * (1.0 - alpha)
             if ON_CHIP:
-                grad_s, grad_t = _kd_row_grad_block(
-                    s, t, cols, label, m_s, m_t, log2_za, log2_zb, log2_z1, kl, inv_t,
-                    coef_kl, coef_ce, SHARE_T1, TEACHER_GRAD,
+                grad_s, grad_t = _kd_row_grads(
+                    s, t, e_a * (1.0 / z_a), e_b * (1.0 / z_b), e_1 * (1.0 / z_1), cols, label,
+                    m_s, m_t, log2_za, log2_zb, kl, inv_t, coef_kl, coef_ce, TEACHER_GRAD,
                 )
                 if STUDENT_GRAD:
                     tl.store(gs_row + cols * grad_s_col_stride,
@@ -224,9 +222,17 @@ def _kd_loss_fwd_kernel(
                     mask = offs < V
                     s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf)
                     t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf)
-                    grad_s, grad_t = _kd_row_grad_block(
-                        s.to(tl.float32), t.to(tl.float32), offs, label, m_s, m_t, log2_za,
-                        log2_zb, log2_z1, kl, inv_t, coef_kl, coef_ce, SHARE_T1, TEACHER_GRAD,
+                    s = s.to(tl.float32)
+                    t = t.to(tl.float32)
+                    p_st = tl.exp2((s - m_s) * k_t - log2_za)
+                    p_tt = tl.exp2((t - m_t) * k_t - log2_zb)
+                    if SHARE_T1:
+                        p_s1 = p_st
+                    else:
+                        p_s1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
+                    grad_s, grad_t = _kd_row_grads(
+                        s, t, p_st, p_tt, p_s1, offs, label, m_s, m_t, log2_za, log2_zb, kl,
+                        inv_t, coef_kl, coef_ce, TEACHER_GRAD,
                     )
                     if STUDENT_GRAD:
                         tl.store(gs_row + offs * grad_s_col_stride,
@@ -274,7 +280,8 @@ def forward_config(vocab_size: int) -> dict:
     """Block size and warps the forward kernel uses for rows of `vocab_size` classes."""
     if vocab_size <= MAX_ON_CHIP_V:
         block = max(triton.next_power_of_2(vocab_size), 128)
-        # About 16 fp32 values per thread and operand: enough loads in flight, no spills.
+        # 16 values per thread and operand up to 8192 classes, 32 at 16384; 16 warps at most,
+        # since 32 warps cap a thread at 64 registers and spill.
         num_warps = min(max(block // 512, 1), 16)
         return {"ON_CHIP": True, "BLOCK_V": block, "num_warps": num_warps}
     return {"ON_CHIP": False, "BLOCK_V": LOOP_BLOCK_V, "num_warps": LOOP_NUM_WARPS}
