@@ -1,0 +1,1 @@
+"""fastkd's benchmark suite: providers, measurement, reports (`fastkd-bench`)."""

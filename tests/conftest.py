@@ -1,0 +1,28 @@
+"""Shared test set-up.
+
+Without a GPU the Triton kernels run in Triton's interpreter: TRITON_INTERPRET must be set before
+triton decorates any kernel, so it is set here, before anything imports fastkd.kernels.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# The interpreter runs every kernel on CPU tensors; on a GPU machine Triton runs on CUDA tensors.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = ("torch", "triton")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Runs a test once per backend; yields the device its tensors must live on."""
+    monkeypatch.setenv("FASTKD_BACKEND", request.param)
+    return TRITON_DEVICE if request.param == "triton" else "cpu"
