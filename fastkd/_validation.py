@@ -52,6 +52,32 @@ def resolve_alpha(alpha, has_labels: bool) -> float:
     return alpha
 
 
+def check_loss_options(*, temperature, alpha, ignore_index, reduction, has_labels):
+    """Check the scalar options of the loss; returns (temperature, alpha) as floats.
+
+    has_labels=None checks alpha's range only (a module does not know yet if labels will come).
+    """
+    temperature = _check_number("temperature", temperature)
+    if temperature <= 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    alpha = resolve_alpha(alpha, bool(has_labels))
+    if has_labels is False and alpha != 1.0:
+        raise ValueError(
+            f"alpha={alpha} mixes in hard-label cross-entropy, which needs labels; "
+            "pass labels or use alpha=1.0 (pure distillation)"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return temperature, alpha
+
+
+def check_inplace_flag(inplace_backward) -> None:
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+
+
 def validate_kd_args(
     student_logits,
     teacher_logits,
@@ -107,20 +133,10 @@ def validate_kd_args(
                 f"labels must be on the logits' device {student_logits.device}, got {labels.device}"
             )
 
-    temperature = _check_number("temperature", temperature)
-    if temperature <= 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    alpha = resolve_alpha(alpha, labels is not None)
-    if labels is None and alpha != 1.0:
-        raise ValueError(
-            f"alpha={alpha} mixes in hard-label cross-entropy, which needs labels; "
-            "pass labels or use alpha=1.0 (pure distillation)"
-        )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
+    temperature, alpha = check_loss_options(
+        temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+        has_labels=labels is not None,
+    )
     return KDArgs(
         temperature=temperature,
         alpha=alpha,

@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import _torch_backend
-from ._validation import KDArgs, validate_kd_args
+from . import _ops
+from ._ops import select_backend
+from ._validation import KDArgs, check_inplace_flag, validate_kd_args
 from .reference import batchmean_divisor
 
 __all__ = ["kd_loss", "select_backend"]
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def select_backend(device: torch.device):
-    """The launcher module for `device`, chosen by FASTKD_BACKEND (auto | triton | torch).
-
-    auto runs Triton on CUDA tensors and PyTorch elsewhere. triton on CPU tensors needs
-    TRITON_INTERPRET=1, which runs the real kernels in Triton's interpreter.
-    """
-    choice = os.environ.get("FASTKD_BACKEND", "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {choice!r}")
-    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
-        return _torch_backend
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true"):
-        raise RuntimeError(
-            f"FASTKD_BACKEND=triton got {device.type} tensors: the Triton kernels need CUDA "
-            "tensors, or TRITON_INTERPRET=1 to run them in Triton's interpreter"
-        )
-    from .kernels import kd_loss as triton_backend
-
-    return triton_backend
 
 
 def _row_weight(labels, args: KDArgs, device, dtype) -> torch.Tensor:
@@ -51,10 +27,15 @@ def _row_weight(labels, args: KDArgs, device, dtype) -> torch.Tensor:
 
 
 class _FusedKDLoss(torch.autograd.Function):
-    """Loss and w * dloss/dlogits come from one forward launch; backward scales by grad_output."""
+    """Loss and w * dloss/dlogits come from one forward launch; backward scales by grad_output.
+
+    The gradients are saved for backward and scaled there in place, so autograd's saved-tensor
+    version check turns a second backward through the same graph into an error instead of a
+    gradient scaled twice.
+    """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, args, inplace_backward, backend,
+    def forward(ctx, student_logits, teacher_logits, labels, args, inplace_backward,
                 student_grad, teacher_grad):
         vocab = args.vocab_size
         student_2d = student_logits.reshape(-1, vocab)
@@ -62,28 +43,34 @@ class _FusedKDLoss(torch.autograd.Function):
         labels_1d = labels.reshape(-1) if labels is not None else None
         weight_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
         weight = _row_weight(labels_1d, args, student_logits.device, weight_dtype)
-
-        # In place only works if the 2-D view shares the student's storage (reshape did not copy).
-        inplace = (
-            inplace_backward
-            and student_grad
-            and student_2d.untyped_storage().data_ptr()
-            == student_logits.untyped_storage().data_ptr()
-        )
-        row_losses, grad_student, grad_teacher = backend.kd_forward(
-            student_2d, teacher_2d, labels_1d, weight,
+        kernel_args = dict(
             temperature=args.temperature, alpha=args.alpha, ignore_index=args.ignore_index,
             student_grad=student_grad, teacher_grad=teacher_grad,
-            grad_student_out=student_2d if inplace else None,
         )
-        if inplace:
+        if inplace_backward and student_grad and (
+            # Only if the 2-D view shares the student's storage (reshape did not copy).
+            student_2d.untyped_storage().data_ptr()
+            == student_logits.untyped_storage().data_ptr()
+        ):
+            # Eager only (kd_loss refuses it under torch.compile): a custom op cannot alias its
+            # input, so this calls the launcher directly.
+            row_losses, grad_student, grad_teacher = select_backend(
+                student_logits.device
+            ).kd_forward(student_2d, teacher_2d, labels_1d, weight,
+                         grad_student_out=student_2d, **kernel_args)
             # The logits now hold the gradient: tell autograd, so any other op that saved them
             # for its backward raises instead of silently using the overwritten values.
             torch.autograd.graph.increment_version(student_logits)
-        ctx.grads = (grad_student, grad_teacher)
-        ctx.backend = backend
+            # Saved detached: backward scales it in place, which autograd forbids on a view
+            # made here (under no_grad) of a tensor that requires grad.
+            grad_student = grad_student.detach()
+        else:
+            row_losses, grad_student, grad_teacher = _ops.kd_forward(
+                student_2d, teacher_2d, labels_1d, weight, **kernel_args
+            )
+        ctx.save_for_backward(grad_student, grad_teacher)
+        ctx.grads_wanted = (student_grad, teacher_grad)
         ctx.logits_shape = student_logits.shape
-        ctx.reduction = args.reduction
         if args.reduction == "none":
             return row_losses.reshape(args.leading_shape)
         total = row_losses.sum()
@@ -92,19 +79,21 @@ class _FusedKDLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        if ctx.grads is None:
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as error:  # the version check: this backward already ran once
             raise RuntimeError(
-                "fastkd.kd_loss computes its gradient once per forward and its backward can run "
-                "once; recompute the loss instead of calling backward twice (retain_graph)"
-            )
-        grads, ctx.grads = ctx.grads, None  # release the N x V buffers as soon as possible
+                "fastkd.kd_loss computes its gradient once per forward, so its backward can run "
+                "only once; recompute the loss instead of backpropagating through it twice"
+            ) from error
         results = []
-        for grad in grads:
-            if grad is not None:
-                ctx.backend.scale_rows_(grad, grad_output)
-                grad = grad.view(ctx.logits_shape)
-            results.append(grad)
-        return results[0], results[1], None, None, None, None, None, None
+        for grad, wanted in zip(saved, ctx.grads_wanted, strict=True):
+            if wanted:
+                _ops.scale_rows_(grad, grad_output)
+                results.append(grad.view(ctx.logits_shape))
+            else:
+                results.append(None)
+        return results[0], results[1], None, None, None, None, None
 
 
 def kd_loss(
@@ -120,16 +109,18 @@ def kd_loss(
 ) -> torch.Tensor:
     """Fused knowledge-distillation loss: temperature KL to the teacher plus hard-label CE.
 
-    Computes, in one pass over the logits and without N x V temporaries, the same value and
-    gradients as this PyTorch (``fastkd.reference.kd_loss`` is exactly this, made exact for masks)::
+    Computes, in one pass over the logits and without N x V temporaries, the value and gradients
+    of this PyTorch (``fastkd.reference.kd_loss`` is it, with 0 * log 0 = 0 for masked logits)::
 
         T = temperature
         log_p_student = F.log_softmax(student_logits / T, dim=-1)
         p_teacher = F.softmax(teacher_logits / T, dim=-1)
-        kl = (p_teacher * (p_teacher.log() - log_p_student)).sum(-1)   # 0 * log 0 = 0
-        ce = F.cross_entropy(student_logits.flatten(0, -2), labels.flatten(), reduction="none")
-        row_loss = alpha * T**2 * kl + (1 - alpha) * ce.view(kl.shape)   # 0 where labels == ignore_index
-        loss = row_loss.sum() / (labels != ignore_index).sum().clamp(min=1)   # reduction="mean"
+        kl = (p_teacher * (p_teacher.log() - log_p_student)).sum(-1)
+        ce = F.cross_entropy(student_logits.flatten(0, -2), labels.flatten(),
+                             ignore_index=ignore_index, reduction="none").view(kl.shape)
+        kept = labels != ignore_index
+        row_loss = torch.where(kept, alpha * T**2 * kl + (1 - alpha) * ce, 0.0)
+        loss = row_loss.sum() / kept.sum().clamp(min=1)  # reduction="mean"
 
     Args:
         student_logits: (..., V) float16/bfloat16/float32/float64 logits of the student.
@@ -146,20 +137,23 @@ def kd_loss(
             N x V buffer. The logits are overwritten by the forward: do not read them afterwards.
 
     Returns:
-        The loss in float32 (float64 for float64 student logits). A label outside [0, V) that is
-        not ignore_index makes its row's loss NaN; NaN logits give a NaN loss.
+        The loss in float32 (float64 when either logits tensor is float64). A label outside
+        [0, V) that is not ignore_index makes its row's loss NaN; NaN logits give a NaN loss.
     """
     args = validate_kd_args(
         student_logits, teacher_logits, labels,
         temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
     )
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    backend = select_backend(student_logits.device)
+    check_inplace_flag(inplace_backward)
+    if inplace_backward and torch.compiler.is_compiling():
+        raise ValueError(
+            "inplace_backward=True cannot be traced by torch.compile (the gradient would alias "
+            "the logits behind the compiler's back); use inplace_backward=False when compiling"
+        )
     grad_enabled = torch.is_grad_enabled()
     student_grad = grad_enabled and student_logits.requires_grad
     teacher_grad = grad_enabled and teacher_logits.requires_grad
     return _FusedKDLoss.apply(
-        student_logits, teacher_logits, labels, args, inplace_backward, backend,
+        student_logits, teacher_logits, labels, args, inplace_backward,
         student_grad, teacher_grad,
     )

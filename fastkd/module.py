@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validation import REDUCTIONS, resolve_alpha
+from ._validation import check_inplace_flag, check_loss_options
 from .functional import kd_loss
 
 __all__ = ["KDLoss"]
@@ -30,10 +30,9 @@ class KDLoss(nn.Module):
     ):
         super().__init__()
         # Fail at construction, not at the first training step.
-        if alpha is not None:
-            resolve_alpha(alpha, has_labels=True)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_loss_options(temperature=temperature, alpha=alpha, ignore_index=ignore_index,
+                           reduction=reduction, has_labels=None)
+        check_inplace_flag(inplace_backward)
         self.temperature = temperature
         self.alpha = alpha
         self.ignore_index = ignore_index

@@ -16,8 +16,11 @@ __all__ = ["kd_loss", "batchmean_divisor", "reduce_rows"]
 
 
 def batchmean_divisor(leading_shape: torch.Size) -> int:
-    """'batchmean' divides by input.size(0), as nn.KLDivLoss does (1 for a single row)."""
-    return leading_shape[0] if len(leading_shape) > 0 else 1
+    """'batchmean' divides by input.size(0), as nn.KLDivLoss does (1 for a single row).
+
+    An empty batch divides by 1, so its loss is 0 like "mean" over no counted rows, not 0/0.
+    """
+    return max(leading_shape[0], 1) if len(leading_shape) > 0 else 1
 
 
 def reduce_rows(row_losses, counted, leading_shape, reduction):
@@ -82,7 +85,7 @@ def kd_loss(
         in_range = (y >= 0) & (y < args.vocab_size)
         safe_y = torch.where(in_range, y, 0)
         ce = -F.log_softmax(s, dim=-1).gather(1, safe_y[:, None]).squeeze(1)
-        # A label outside the vocabulary is a caller bug: make it loud (NaN), never read out of range.
+        # A label outside the vocabulary is a caller bug: make it loud (NaN), never read it.
         ce = torch.where(in_range, ce, float("nan"))
         row_losses = row_losses + (1.0 - alpha) * ce
         row_losses = torch.where(counted, row_losses, 0.0)

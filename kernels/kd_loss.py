@@ -14,9 +14,10 @@ Z_1 = sum exp(s - m_s). Then log p_s^T = (s - m_s) / T - log Z_a, log p_t^T = (t
     KL = sum_v p_t^T(v) * ((t_v - m_t) - (s_v - m_s)) / T - log Z_b + log Z_a
 
 which the kernel accumulates in one streaming sweep with online rescaling of Z_a, Z_b, Z_1 and of
-the weighted sum W = sum exp((t - m_t) / T) * ((t - s) - c). The row constant c (the first block's
-m_t - m_s) keeps the summands small, so logits shifted by 1e4 lose no precision; sum p_t^T = 1 puts
-c back exactly: KL = (W / Z_b + c - (m_t - m_s)) / T - log Z_b + log Z_a.
+the weighted sum W = sum exp((t - m_t) / T) * ((t - m_t) - (s - m_s)), so KL = W / (T Z_b) - log Z_b
++ log Z_a. Centring each logit on its own running maximum keeps the summands small: logits shifted
+by 1e4 lose no precision. When a block raises the maxima, W moves to the new centre exactly:
+W <- (W + Z_b * ((m_t_old - m_t) - (m_s_old - m_s))) * exp((m_t_old - m_t) / T).
 
 Gradients. d log p_s^T(v) / d s_u = (delta_uv - p_s^T(u)) / T, so
     d(T^2 KL)/ds = T * (p_s^T - p_t^T),        dCE/ds = p_s - onehot(y)
@@ -40,15 +41,15 @@ zeros to the gradient. Exponentials per element: 3 for on-chip rows (reused for 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-
-import torch
 
 # Rows up to this many classes are held in registers: read once, no second sweep. Compiled for
 # sm_90a, 16384 classes over 16 warps (32 values per thread and operand) take 128 registers and
 # no spill stack; 32 warps, or anything wider, spill (see `fastkd-bench --static`).
 MAX_ON_CHIP_V = 16384
+MAX_ON_CHIP_V_TEACHER_GRAD = 8192
 # Block of the two-sweep loop for longer rows: 4096 elements over 8 warps gives 16 elements per
 # thread per operand, 16-byte vector loads for bf16/fp32, and enough bytes in flight per SM.
 LOOP_BLOCK_V = 4096
@@ -121,7 +122,7 @@ def _kd_loss_fwd_kernel(
         counted = tl.full((), 1, tl.int1)
 
     if counted:
-        weight = tl.load(weight_ptr)
+        weight = tl.load(weight_ptr).to(tl.float32)
         if ON_CHIP:
             mask = cols < V
             s = tl.load(s_row + cols * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
@@ -140,7 +141,6 @@ def _kd_loss_fwd_kernel(
                 e_1 = tl.exp2((s - m_s) * LOG2E)
             z_1 = tl.sum(e_1, axis=0)
             w_sum = tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
-            shift = 0.0  # c - (m_t - m_s) with c = m_t - m_s
         else:
             # Sweep 1: online max / sum-exp of the three softmaxes and of W, block by block.
             # Running maxima stay raw (-inf until a finite logit is seen); exponents are shifted by
@@ -151,7 +151,8 @@ def _kd_loss_fwd_kernel(
             z_b = tl.zeros((), tl.float32)
             z_1 = tl.zeros((), tl.float32)
             w_sum = tl.zeros((), tl.float32)
-            c = tl.zeros((), tl.float32)
+            m_s_prev = tl.zeros((), tl.float32)
+            m_t_prev = tl.zeros((), tl.float32)
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
                 mask = offs < V
@@ -163,31 +164,30 @@ def _kd_loss_fwd_kernel(
                 max_t_new = tl.maximum(max_t, tl.max(t, axis=0))
                 m_s = _safe_max(max_s_new)
                 m_t = _safe_max(max_t_new)
-                if start == 0:
-                    c = m_t - m_s
                 rescale_t = tl.exp2((max_t - m_t) * k_t)
                 e_b = tl.exp2((t - m_t) * k_t)
                 z_a = z_a * tl.exp2((max_s - m_s) * k_t) + tl.sum(tl.exp2((s - m_s) * k_t), axis=0)
+                z_b_old = z_b
                 z_b = z_b * rescale_t + tl.sum(e_b, axis=0)
                 if not SHARE_T1:
                     z_1 = z_1 * tl.exp2((max_s - m_s) * LOG2E) + tl.sum(
                         tl.exp2((s - m_s) * LOG2E), axis=0
                     )
-                w_sum = w_sum * rescale_t + tl.sum(
-                    tl.where(e_b == 0.0, 0.0, e_b * ((t - s) - c)), axis=0
-                )
+                w_sum = (w_sum + z_b_old * ((m_t_prev - m_t) - (m_s_prev - m_s))) * rescale_t
+                w_sum += tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
+                m_s_prev = m_s
+                m_t_prev = m_t
                 max_s = max_s_new
                 max_t = max_t_new
             m_s = _safe_max(max_s)
             m_t = _safe_max(max_t)
             if SHARE_T1:
                 z_1 = z_a
-            shift = c - (m_t - m_s)
 
         log2_za = tl.log2(z_a)
         log2_zb = tl.log2(z_b)
         log2_z1 = tl.log2(z_1)
-        kl = (w_sum / z_b + shift) * inv_t + LN2 * (log2_za - log2_zb)
+        kl = (w_sum / z_b) * inv_t + LN2 * (log2_za - log2_zb)
         row_loss = alpha * temperature * temperature * kl
         if HAS_LABELS:
             in_range = (label >= 0) & (label < V)
@@ -195,7 +195,7 @@ def _kd_loss_fwd_kernel(
             s_label = tl.load(
                 s_row + label * student_col_stride, mask=in_range, other=float("nan")
             ).to(tl.float32)
-            ce = m_s + LN2 * log2_z1 - s_label
+            ce = (m_s - s_label) + LN2 * log2_z1
             row_loss += (1.0 - alpha) * ce
         tl.store(loss_ptr + row, row_loss)
 
@@ -276,9 +276,12 @@ def _scale_rows_kernel(
                      (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def forward_config(vocab_size: int) -> dict:
+def forward_config(vocab_size: int, teacher_grad: bool = False) -> dict:
     """Block size and warps the forward kernel uses for rows of `vocab_size` classes."""
-    if vocab_size <= MAX_ON_CHIP_V:
+    # The teacher gradient keeps s and t alive next to the three exponentials: at 16384 classes
+    # that spills on sm_90a (536 bytes of stack), at 8192 it does not.
+    on_chip_limit = MAX_ON_CHIP_V_TEACHER_GRAD if teacher_grad else MAX_ON_CHIP_V
+    if vocab_size <= on_chip_limit:
         block = max(triton.next_power_of_2(vocab_size), 128)
         # 16 values per thread and operand up to 8192 classes, 32 at 16384; 16 warps at most,
         # since 32 warps cap a thread at 64 registers and spill.
@@ -308,7 +311,11 @@ def kd_forward(
     """
     n_rows, vocab = student_logits.shape
     device = student_logits.device
-    row_losses = torch.empty(n_rows, dtype=torch.float32, device=device)
+    # Losses accumulate in fp32; float64 inputs (gradcheck) get a float64 output, as in the
+    # PyTorch backend, so both return the same dtype.
+    loss_dtype = torch.float64 if torch.float64 in (
+        student_logits.dtype, teacher_logits.dtype) else torch.float32
+    row_losses = torch.empty(n_rows, dtype=loss_dtype, device=device)
     grad_s = grad_t = None
     if student_grad:
         grad_s = grad_student_out
@@ -322,7 +329,7 @@ def kd_forward(
     gs = grad_s if grad_s is not None else row_losses.view(1, -1)
     gt = grad_t if grad_t is not None else row_losses.view(1, -1)
     lab = labels if labels is not None else row_losses
-    config = forward_config(vocab)
+    config = forward_config(vocab, teacher_grad)
     _kd_loss_fwd_kernel[(n_rows,)](
         student_logits, student_logits.stride(0), student_logits.stride(1),
         teacher_logits, teacher_logits.stride(0), teacher_logits.stride(1),
