@@ -37,7 +37,9 @@ def _check_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Comparisons rather than math.isfinite: under torch.compile the value may be a symbolic
+    # float, which supports comparisons (as guards) but not math.isfinite.
+    if value != value or value in (math.inf, -math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
