@@ -97,12 +97,16 @@ def _shard_offset(vocab_size: int, device: torch.device, group) -> int:
 
 
 def _all_gather_rows(stats: torch.Tensor, group) -> torch.Tensor:
-    """(R, N, k) stack of every rank's (N, k) statistics, in rank order."""
-    gathered = stats.new_empty((dist.get_world_size(group),) + tuple(stats.shape))
-    # all_gather_single replaces all_gather_into_tensor in recent PyTorch; both accept a stack.
+    """(R, *shape) stack of every rank's `stats`, in rank order."""
+    world_size = dist.get_world_size(group)
+    # Gathered as a concatenation along dim 0 (the form every backend accepts, also for a
+    # group of one), then viewed as the stack.
+    flat = stats.contiguous().reshape(-1)
+    gathered = flat.new_empty(world_size * flat.numel())
+    # all_gather_single replaces all_gather_into_tensor in recent PyTorch.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, stats.contiguous(), group=group)
-    return gathered
+    gather(gathered, flat, group=group)
+    return gathered.view((world_size,) + tuple(stats.shape))
 
 
 class _VocabParallelKDLoss(torch.autograd.Function):
