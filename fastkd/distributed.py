@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from . import _vocab_parallel_torch
+from . import _torch_backend, _vocab_parallel_torch
 from ._validation import validate_kd_args
 from .functional import select_backend
 from .reference import batchmean_divisor
@@ -68,7 +68,7 @@ def global_token_count(
 def _select_vocab_parallel_backend(device: torch.device):
     # Same choice as fastkd.kd_loss (FASTKD_BACKEND, then the device); the Triton module is
     # imported only when chosen, so CPU users never load it.
-    if select_backend(device).__name__.endswith("_torch_backend"):
+    if select_backend(device) is _torch_backend:
         return _vocab_parallel_torch
     from .kernels import kd_vocab_parallel
 

@@ -181,7 +181,7 @@ def _vp_loss_grad_kernel(
     teacher_ptr, teacher_row_stride, teacher_col_stride,  # (N, V_local) teacher shard
     labels_ptr, labels_stride,  # (N,) global class ids; unused without HAS_LABELS
     weight_ptr,  # () reduction weight w: 1, 1/batch or 1/(counted rows)
-    loss_ptr,  # (N,) fp32 out: global per-row loss, 0 for ignored rows
+    loss_ptr,  # (N,) fp32 (fp64 for fp64 inputs) out: global per-row loss, 0 for ignored rows
     grad_s_ptr, grad_s_row_stride, grad_s_col_stride,  # (N, V_local) out, student dtype
     grad_t_ptr, grad_t_row_stride, grad_t_col_stride,  # (N, V_local) out, teacher dtype
     V_local, vocab_start,
@@ -244,7 +244,7 @@ def _vp_loss_grad_kernel(
             label_logit = tl.sum(tl.load(stats + _LABEL_LOGIT, mask=rank_mask, other=0.0), axis=0)
             label_logit = tl.where(hits > 0.0, label_logit, float("nan"))
             row_loss += (1.0 - alpha) * ((m_s - label_logit) + LN2 * log2_z1)
-        tl.store(loss_ptr + row, row_loss)
+        tl.store(loss_ptr + row, row_loss.to(loss_ptr.dtype.element_ty))
 
         if STUDENT_GRAD or TEACHER_GRAD:
             weight = tl.load(weight_ptr).to(tl.float32)
@@ -343,12 +343,15 @@ def shard_loss_and_grad(
     student_grad: bool,
     teacher_grad: bool,
 ):
-    """Global per-row losses (N,) fp32 and w * dloss/d(shard) from the (R, N, NUM_STATS)
+    """Global per-row losses (N,) and w * dloss/d(shard) from the (R, N, NUM_STATS)
     gathered statistics: (row_losses, grad_student or None, grad_teacher or None)."""
     world_size = gathered.shape[0]
     n_rows, vocab = student_shard.shape
     device = student_shard.device
-    row_losses = torch.empty(n_rows, dtype=torch.float32, device=device)
+    # Computed in fp32; float64 inputs get float64 losses, as from fastkd.kd_loss.
+    loss_dtype = torch.float64 if torch.float64 in (
+        student_shard.dtype, teacher_shard.dtype) else torch.float32
+    row_losses = torch.empty(n_rows, dtype=loss_dtype, device=device)
     grad_s = grad_t = None
     if student_grad:
         grad_s = torch.empty((n_rows, vocab), dtype=student_shard.dtype, device=device)
