@@ -24,7 +24,10 @@ setup(
     extras_require={
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80"],
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7", "tqdm>=4.60"],
-        "examples": ["transformers>=4.40", "tokenizers>=0.15", "matplotlib>=3.7", "tqdm>=4.60"],
+        "examples": [
+            "transformers>=4.40", "tokenizers>=0.15", "accelerate>=1.0", "matplotlib>=3.7",
+            "tqdm>=4.60",
+        ],
         "dev": [
             "pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80", "matplotlib>=3.7",
             "tqdm>=4.60", "ruff>=0.5",
