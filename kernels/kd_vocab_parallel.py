@@ -110,14 +110,16 @@ def _vp_stats_kernel(
 
     if counted:
         # Online max / sum-exp as in kd_loss.py's first sweep: raw running maxima, exponents
-        # shifted by their safe versions, W relative to the first block's c = m_t - m_s.
+        # shifted by their safe versions, W centred on the running maxima and moved to the new
+        # centre whenever a block raises them (the same move as the cross-shard combination).
         max_s = tl.full((), neg_inf, tl.float32)
         max_t = tl.full((), neg_inf, tl.float32)
         z_a = tl.zeros((), tl.float32)
         z_b = tl.zeros((), tl.float32)
         z_1 = tl.zeros((), tl.float32)
-        w_sum = tl.zeros((), tl.float32)
-        c = tl.zeros((), tl.float32)
+        w_local = tl.zeros((), tl.float32)
+        m_s_prev = tl.zeros((), tl.float32)
+        m_t_prev = tl.zeros((), tl.float32)
         for start in range(0, V_local, BLOCK_V):
             offs = start + cols
             mask = offs < V_local
@@ -127,28 +129,24 @@ def _vp_stats_kernel(
             max_t_new = tl.maximum(max_t, tl.max(t, axis=0))
             m_s = _safe_max(max_s_new)
             m_t = _safe_max(max_t_new)
-            if start == 0:
-                c = m_t - m_s
             rescale_t = tl.exp2((max_t - m_t) * k_t)
             e_b = tl.exp2((t - m_t) * k_t)
             z_a = z_a * tl.exp2((max_s - m_s) * k_t) + tl.sum(tl.exp2((s - m_s) * k_t), axis=0)
+            drift = (m_t_prev - m_t) - (m_s_prev - m_s)
+            w_local = (w_local + z_b * drift) * rescale_t + tl.sum(
+                tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0
+            )
             z_b = z_b * rescale_t + tl.sum(e_b, axis=0)
             if not SHARE_T1:
                 z_1 = z_1 * tl.exp2((max_s - m_s) * LOG2E) + tl.sum(
                     tl.exp2((s - m_s) * LOG2E), axis=0
                 )
-            w_sum = w_sum * rescale_t + tl.sum(
-                tl.where(e_b == 0.0, 0.0, e_b * ((t - s) - c)), axis=0
-            )
+            m_s_prev = m_s
+            m_t_prev = m_t
             max_s = max_s_new
             max_t = max_t_new
         if SHARE_T1:
             z_1 = z_a
-        m_s = _safe_max(max_s)
-        m_t = _safe_max(max_t)
-        # Re-anchor W from c to this shard's final maxima (the layout's definition); the
-        # difference is small, so no precision is lost for large logit offsets.
-        w_local = w_sum + (c - (m_t - m_s)) * z_b
 
         label_logit = tl.zeros((), tl.float32)
         hit = tl.zeros((), tl.float32)

@@ -73,6 +73,11 @@ def make_inputs(case: dict):
         # Labels of rows 0 and 1 where the student is not masked (else CE is inf).
         flat_labels[0] = bounds[0][0]
         flat_labels[1] = int(torch.nonzero(~holes)[0])
+    if "teacher_step" in case:
+        # Teacher logits jump by `amount` on columns [lo, hi): online statistics that anchor on
+        # the first block would lose fp32 precision here.
+        lo, hi, amount = case["teacher_step"]
+        teacher[..., lo:hi] += amount
     if case.get("out_of_range"):
         flat_labels[2] = vocab  # one past the last shard: NaN loss for that row
     if not case.get("labels", True):
@@ -184,12 +189,21 @@ def test_shard_steps_match_reference(name, backend):
         assert row_losses.isnan().sum() == 1
 
 
-def test_shift_1e4_keeps_fp32_precision(backend):
-    """A 1e4 offset of all logits must not cost precision in the cross-shard combination: the
+PRECISION_CASES = {
+    "shift_1e4": SIM_CASES["shift_1e4"],
+    # Two blocks of 4096 in the first shard, the teacher 1e4 higher in part of the second.
+    "teacher_step_1e4": dict(seed=42, vocab=4700, sizes=[4500, 200], lead=(4,),
+                             temperature=2.0, teacher_step=(4096, 4600, 1e4)),
+}
+
+
+@pytest.mark.parametrize("name", list(PRECISION_CASES))
+def test_large_offsets_keep_fp32_precision(backend, name):
+    """Offsets of 1e4 must not cost precision in the shard statistics or their combination: the
     error against float64 stays at the single-device fused kernel's level."""
-    case = {**SIM_CASES["shift_1e4"], "reduction": "none"}
+    case = {**PRECISION_CASES[name], "reduction": "none"}
     row_losses, _, _ = simulate_shards(case, backend)
-    exact, _, _ = reference_result(case)
+    exact, _, _ = reference_result(case, unit_upstream=True)
     student, teacher, labels, _ = make_inputs(case)
     fused = fastkd.kd_loss(student.to(backend), teacher.to(backend), labels.to(backend),
                            **loss_options(case))
