@@ -26,6 +26,8 @@ class KDArgs:
     reduction: str
     vocab_size: int
     leading_shape: torch.Size
+    # Divides the summed loss (reduction="sum" only): a positive float, a 1-element tensor or None.
+    normalizer: float | torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -80,6 +82,31 @@ def check_inplace_flag(inplace_backward) -> None:
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
 
 
+def check_normalizer(normalizer, reduction: str, device: torch.device):
+    """Check the divisor of a summed loss; returns it as a float, a 0-d tensor, or None."""
+    if normalizer is None:
+        return None
+    if reduction != "sum":
+        raise ValueError(
+            f"normalizer divides the summed loss: use it with reduction='sum', got {reduction!r}"
+        )
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1 or normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
+            raise TypeError(
+                "normalizer must be a positive number or a 1-element real tensor, got a "
+                f"{normalizer.dtype} tensor of shape {tuple(normalizer.shape)}"
+            )
+        if normalizer.device != device:
+            raise ValueError(
+                f"normalizer must be on the logits' device {device}, got {normalizer.device}"
+            )
+        return normalizer.reshape(())
+    normalizer = _check_number("normalizer", normalizer)
+    if normalizer <= 0.0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    return normalizer
+
+
 def validate_kd_args(
     student_logits,
     teacher_logits,
@@ -89,6 +116,7 @@ def validate_kd_args(
     alpha,
     ignore_index,
     reduction,
+    normalizer=None,
 ) -> KDArgs:
     """Check one kd_loss call and return its normalised arguments.
 
@@ -146,4 +174,5 @@ def validate_kd_args(
         reduction=reduction,
         vocab_size=vocab_size,
         leading_shape=leading_shape,
+        normalizer=check_normalizer(normalizer, reduction, student_logits.device),
     )

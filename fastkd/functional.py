@@ -23,6 +23,10 @@ def _row_weight(labels, args: KDArgs, device, dtype) -> torch.Tensor:
     if args.reduction == "batchmean":
         return torch.full((), 1.0 / batchmean_divisor(args.leading_shape), dtype=dtype,
                           device=device)
+    if isinstance(args.normalizer, torch.Tensor):
+        return args.normalizer.to(dtype).reciprocal()
+    if args.normalizer is not None:
+        return torch.full((), 1.0 / args.normalizer, dtype=dtype, device=device)
     return torch.ones((), dtype=dtype, device=device)
 
 
@@ -74,7 +78,9 @@ class _FusedKDLoss(torch.autograd.Function):
         if args.reduction == "none":
             return row_losses.reshape(args.leading_shape)
         total = row_losses.sum()
-        return total if args.reduction == "sum" else total * weight.to(total.dtype)
+        if args.reduction == "sum" and args.normalizer is None:
+            return total
+        return total * weight.to(total.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -105,6 +111,7 @@ def kd_loss(
     alpha: float | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    normalizer: float | torch.Tensor | None = None,
     inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Fused knowledge-distillation loss: temperature KL to the teacher plus hard-label CE.
@@ -133,6 +140,11 @@ def kd_loss(
         reduction: "mean" (over counted rows; 0.0, not NaN, when every row is ignored),
             "sum", "batchmean" (sum / student_logits.size(0), like nn.KLDivLoss) or "none"
             (per-row losses in the leading shape, fp32).
+        normalizer: with reduction="sum", divide the sum by it: a positive number or a 1-element
+            device tensor such as the global count of non-ignored tokens of an optimizer step
+            (see fastkd.distributed.global_token_count). Folding the divisor into the fused
+            gradient keeps ``loss.backward()`` on the fast path that skips rescaling the N x V
+            gradient, which ``(loss / n).backward()`` would need.
         inplace_backward: write the student gradient into ``student_logits``' storage, saving an
             N x V buffer. The logits are overwritten by the forward: do not read them afterwards.
 
@@ -143,6 +155,7 @@ def kd_loss(
     args = validate_kd_args(
         student_logits, teacher_logits, labels,
         temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+        normalizer=normalizer,
     )
     check_inplace_flag(inplace_backward)
     if inplace_backward and torch.compiler.is_compiling():

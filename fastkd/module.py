@@ -40,11 +40,14 @@ class KDLoss(nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None,
+                normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+        """normalizer: with reduction="sum", the divisor of this step's sum (see kd_loss)."""
         return kd_loss(
             student_logits, teacher_logits, labels,
             temperature=self.temperature, alpha=self.alpha, ignore_index=self.ignore_index,
-            reduction=self.reduction, inplace_backward=self.inplace_backward,
+            reduction=self.reduction, normalizer=normalizer,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:

@@ -23,13 +23,13 @@ def batchmean_divisor(leading_shape: torch.Size) -> int:
     return max(leading_shape[0], 1) if len(leading_shape) > 0 else 1
 
 
-def reduce_rows(row_losses, counted, leading_shape, reduction):
+def reduce_rows(row_losses, counted, leading_shape, reduction, normalizer=None):
     """Apply a reduction to per-row losses (ignored rows already hold 0)."""
     if reduction == "none":
         return row_losses.reshape(leading_shape)
     total = row_losses.sum()
     if reduction == "sum":
-        return total
+        return total if normalizer is None else total / normalizer
     if reduction == "batchmean":
         return total / batchmean_divisor(leading_shape)
     # "mean": over counted rows; all rows ignored gives 0 (not NaN as F.cross_entropy would).
@@ -45,6 +45,7 @@ def kd_loss(
     alpha=None,
     ignore_index=-100,
     reduction="mean",
+    normalizer=None,
     inplace_backward=False,
 ):
     """Reference KD loss; same signature and semantics as :func:`fastkd.kd_loss`.
@@ -60,6 +61,7 @@ def kd_loss(
         alpha=alpha,
         ignore_index=ignore_index,
         reduction=reduction,
+        normalizer=normalizer,
     )
     T, alpha = args.temperature, args.alpha
     compute_dtype = torch.promote_types(
@@ -90,4 +92,4 @@ def kd_loss(
         row_losses = row_losses + (1.0 - alpha) * ce
         row_losses = torch.where(counted, row_losses, 0.0)
 
-    return reduce_rows(row_losses, counted, args.leading_shape, args.reduction)
+    return reduce_rows(row_losses, counted, args.leading_shape, args.reduction, args.normalizer)
