@@ -2,16 +2,39 @@
 
 Used for CPU tensors (and on request through FASTKD_BACKEND=torch). It mirrors the launcher
 interface of fastkd.kernels.kd_loss, so the autograd Function does not care which one runs.
-The derivation of every formula is in the comment block of kernels/kd_loss.py.
+The derivation of every formula is in the comment block of kernels/kd_loss.py; this file uses the
+same centred form: with d_s = s - max(s) and d_t = t - max(t),
+
+    p_s^T = exp(d_s / T) / Z_a      p_t^T = exp(d_t / T) / Z_b      p_s = exp(d_s) / Z_1
+    KL    = sum p_t^T * (d_t - d_s) / T + log Z_a - log Z_b
+    CE    = log Z_1 - d_s[y]
+
+Rows go through in chunks that reuse a few preallocated fp32 buffers in place, so the working set
+stays in cache and no temporary grows with N (fresh multi-MiB allocations cost page faults on
+every call on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-# Rows are processed in chunks of about this many elements, so the fp32 temporaries (a handful of
-# chunk-sized tensors, 4 MiB each) stay in cache and never grow with N.
-CHUNK_ELEMENTS = 1 << 20
+# About this many elements per chunk: five fp32 buffers of 256K elements (1 MiB each) fit the
+# L2 + L3 of a CPU core pair, and a chunk is still large enough to amortise per-op dispatch.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _centre_(buffer: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """buffer <- logits - rowmax(logits), in the buffer's (fp32/fp64) precision."""
+    buffer.copy_(logits)
+    buffer.sub_(buffer.amax(dim=-1, keepdim=True))
+    return buffer
+
+
+def _exp_sum_(out: torch.Tensor, centred: torch.Tensor, scale: float) -> torch.Tensor:
+    """out <- exp(centred * scale); returns the row sums (the softmax normaliser)."""
+    torch.mul(centred, scale, out=out)
+    out.exp_()
+    return out.sum(dim=-1, keepdim=True)
 
 
 def kd_forward(
@@ -41,46 +64,74 @@ def kd_forward(
             grad_s = torch.empty((n_rows, vocab), dtype=student_logits.dtype, device=device)
     if teacher_grad:
         grad_t = torch.empty((n_rows, vocab), dtype=teacher_logits.dtype, device=device)
+    if n_rows == 0:
+        return row_losses, grad_s, grad_t
 
-    T = temperature
+    inv_t = 1.0 / temperature
     weight = row_weight.to(compute_dtype)
-    chunk = max(1, CHUNK_ELEMENTS // vocab)
+    chunk = max(1, min(n_rows, CHUNK_ELEMENTS // vocab))
+    centred_s, centred_t, p_st, p_tt, scratch = (
+        torch.empty((chunk, vocab), dtype=compute_dtype, device=device) for _ in range(5)
+    )
     for start in range(0, n_rows, chunk):
-        rows = slice(start, min(start + chunk, n_rows))
-        s = student_logits[rows].to(compute_dtype)
-        t = teacher_logits[rows].to(compute_dtype)
-        log_p_st = torch.log_softmax(s / T, dim=-1)
-        log_p_tt = torch.log_softmax(t / T, dim=-1)
-        p_tt = log_p_tt.exp()
-        log_ratio = torch.where(p_tt == 0, 0.0, log_p_tt - log_p_st)  # 0 * log 0 = 0
-        kl = (p_tt * log_ratio).sum(dim=-1)
-        loss = alpha * T * T * kl
-        if labels is None:
-            counted = None
-        else:
-            y = labels[rows].long()
+        stop = min(start + chunk, n_rows)
+        rows = stop - start
+        d_s = _centre_(centred_s[:rows], student_logits[start:stop])
+        d_t = _centre_(centred_t[:rows], teacher_logits[start:stop])
+        e_a, e_b, work = p_st[:rows], p_tt[:rows], scratch[:rows]
+        z_a = _exp_sum_(e_a, d_s, inv_t)
+        z_b = _exp_sum_(e_b, d_t, inv_t)
+        log_z_ratio = z_a.log() - z_b.log()  # log Z_a - log Z_b, (rows, 1)
+
+        # KL = sum e_b (d_t - d_s) / (T Z_b) + log Z_a - log Z_b. Where the teacher is masked
+        # (-inf) e_b is 0 and d_t - d_s is -inf, or NaN if both are -inf; 0 * log 0 = 0, so
+        # exactly those NaNs become 0. NaN logits still reach the loss through Z_a or Z_b.
+        torch.sub(d_t, d_s, out=work)
+        work.mul_(e_b)
+        work.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        kl = work.sum(dim=-1, keepdim=True).div_(z_b).mul_(inv_t).add_(log_z_ratio)
+        loss = (alpha * temperature * temperature) * kl.squeeze(1)
+
+        counted = None
+        if labels is not None:
+            y = labels[start:stop].long()
             counted = y != ignore_index
             in_range = (y >= 0) & (y < vocab)
             safe_y = torch.where(in_range, y, 0)[:, None]
-            log_p_s1 = log_p_st if T == 1.0 else torch.log_softmax(s, dim=-1)
-            ce = torch.where(in_range, -log_p_s1.gather(1, safe_y).squeeze(1), float("nan"))
+            if temperature == 1.0:
+                e_1, z_1 = e_a, z_a  # the KL softmax is the CE softmax
+            else:
+                e_1 = work
+                z_1 = _exp_sum_(e_1, d_s, 1.0)
+            # A label outside the vocabulary reads nothing and makes its row NaN.
+            ce = torch.where(in_range, z_1.squeeze(1).log() - d_s.gather(1, safe_y).squeeze(1),
+                             float("nan"))
             loss = torch.where(counted, loss + (1.0 - alpha) * ce, 0.0)
-        row_losses[rows] = loss
+        row_losses[start:stop] = loss
 
-        coef_kl = weight * (alpha * T)
-        if student_grad:
-            g = coef_kl * (log_p_st.exp() - p_tt)
-            if labels is not None:
-                p_s1 = log_p_s1.exp()
-                p_s1.scatter_add_(1, safe_y, -in_range[:, None].to(compute_dtype))
-                g += weight * (1.0 - alpha) * p_s1
-                g = torch.where(counted[:, None], g, 0.0)  # not 0 * g: g may hold NaN
-            grad_s[rows] = g
+        coef_kl = weight * (alpha * temperature)
         if teacher_grad:
-            g = torch.where(p_tt == 0, 0.0, coef_kl * p_tt * (log_ratio - kl[:, None]))
+            # d(T^2 KL)/dt = T p_t^T (log p_t^T - log p_s^T - KL), 0 where p_t^T = 0.
+            g_t = torch.sub(d_t, d_s).mul_(inv_t).sub_(kl).add_(log_z_ratio)
+            g_t.mul_(e_b).div_(z_b).mul_(coef_kl)
+            g_t.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
             if counted is not None:
-                g = torch.where(counted[:, None], g, 0.0)
-            grad_t[rows] = g
+                g_t[~counted] = 0.0
+            grad_t[start:stop] = g_t
+        if student_grad:
+            # a T (p_s^T - p_t^T) + (1 - a) (p_s - onehot(y)), times the reduction weight.
+            if labels is not None and temperature == 1.0:
+                # e_1 is e_a: take the CE part before e_a becomes the gradient.
+                work.copy_(e_1)
+                e_1 = work
+            g_s = e_a.div_(z_a).sub_(e_b.div_(z_b)).mul_(coef_kl)
+            if labels is not None:
+                coef_ce = weight * (1.0 - alpha)
+                g_s.add_(e_1.div_(z_1).mul_(coef_ce))
+                onehot = (-coef_ce * in_range.to(compute_dtype))[:, None].expand(rows, 1)
+                g_s.scatter_add_(1, safe_y, onehot)
+                g_s[~counted] = 0.0  # not 0 * g: g may hold NaN
+            grad_s[start:stop] = g_s
     return row_losses, grad_s, grad_t
 
 
