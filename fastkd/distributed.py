@@ -26,6 +26,10 @@ may have different sizes) and the global labels. Each rank reduces its slice to 
 one all-gather exchanges those (N x 8 x world floats, never N x V), and each rank then computes
 the global loss (the same value on every rank) and the gradient of its own slice, which
 ``loss.backward()`` delivers.
+
+Megatron's LM head gives sequence-first logits (L, B, V_local) while its labels are (B, L): pass
+``labels.transpose(0, 1)`` so labels have the logits' leading shape. The loss runs eagerly (the
+collective sits inside an autograd Function; torch.compile breaks the graph around it).
 """
 
 from __future__ import annotations

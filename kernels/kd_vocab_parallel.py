@@ -12,7 +12,9 @@ ms^r, mt^r (0 instead of -inf):
     W^r   = sum exp((t - mt^r) / T) * ((t - mt^r) - (s - ms^r))            (0 where the teacher is masked)
     y^r   = s[label - v_r] and hit^r = 1 if the label falls in the shard, else 0 and 0
 
-These 8 floats per row are all a rank contributes; one all-gather stacks them as (R, N, 8).
+Kernel 1 accumulates them block by block and, whenever a block raises the running maxima, moves
+the sums to the new ones: the same move the combination below makes across shards. These 8 floats
+per row are all a rank contributes; one all-gather stacks them as (R, N, 8).
 
 Combination (start of kernel 2, per row, over the R ranks). The global maxima are
 M_s = max_r m_s^r and M_t = max_r m_t^r (safe: Ms, Mt). Rescaling each shard's sums from its own
@@ -42,7 +44,8 @@ backward needs no communication.
 
 Memory traffic per row of a shard of V_r elements (e = element size): kernel 1 reads s and t
 (2 V_r e) and writes 32 bytes; kernel 2 reads 32 R bytes of statistics, reads s and t again and
-writes the gradient (3 V_r e): 5 V_r e in all, 32 R bytes over the network. The two sweeps are
+writes the gradient (3 V_r e): 5 V_r e in all; each rank sends its 32 bytes per row to the R - 1
+others and receives theirs, no N x V data crosses ranks. The two sweeps are
 unavoidable, since the global statistics exist only after the collective between them. Without a
 gradient (evaluation) kernel 2 reads only the statistics. Ignored rows read no logits.
 """
@@ -287,9 +290,10 @@ def _vp_loss_grad_kernel(
 
 def sweep_config(vocab_local: int) -> dict:
     """Block and warps of both kernels' sweeps over a shard of `vocab_local` columns."""
-    # Shards at least as wide as kd_loss's loop block use its tuned block and warps; narrower
-    # ones shrink the block to the shard (128 floor: one element per thread of a 4-warp CTA)
-    # and keep 8+ elements per thread.
+    # Shards at least as wide as kd_loss's loop block use its tuned block and warps. Narrower
+    # ones shrink the block to the shard, with one warp per 512 columns: the same 16 elements
+    # per thread and operand as the full block (fewer below 512 columns, where one warp is the
+    # floor; the 128-column floor gives each lane 4 elements, one 16-byte fp32 load).
     block = min(max(triton.next_power_of_2(vocab_local), 128), LOOP_BLOCK_V)
     num_warps = LOOP_NUM_WARPS if block == LOOP_BLOCK_V else max(block // 512, 1)
     return {"BLOCK_V": block, "num_warps": num_warps}
