@@ -1,0 +1,314 @@
+"""Float64 ground truth of the KD loss and the per-dtype tolerances every test compares with.
+
+The ground truth is deliberately written apart from fastkd.reference: no log_softmax, no
+autograd. It forms the softmaxes from explicit exp / sum / log in float64 with masks for -inf
+entries, and the gradients from their closed forms, so a mistake shared by the reference and the
+fused code cannot hide.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+import fastkd
+
+
+@dataclass(frozen=True)
+class Tol:
+    """|actual - expected| <= atol * max|expected| + rtol * |expected|, elementwise.
+
+    atol is scaled by the largest magnitude of the expected tensor (at least 1 for losses), so
+    one entry serves every reduction weight, grad_output and vocabulary size.
+    """
+
+    atol: float
+    rtol: float
+
+
+# Keyed by dtype: "loss" by the least precise logits dtype (the loss itself is fp32 for half
+# inputs, so those rows only cover fp32 arithmetic on exactly representable values), "grad" by the
+# dtype the gradient is stored in. A half gradient is rounded twice: when the forward stores
+# w * dloss/dlogits and when backward scales it by grad_output; Triton's interpreter rounds toward
+# zero, a full ulp each time, so rtol is two ulps relative: 2^-6 for bf16, 2^-9 for fp16.
+TOLERANCES: dict[torch.dtype, dict[str, Tol]] = {
+    torch.float64: {"loss": Tol(atol=1e-10, rtol=1e-10), "grad": Tol(atol=1e-12, rtol=1e-9)},
+    torch.float32: {"loss": Tol(atol=2e-5, rtol=2e-5), "grad": Tol(atol=2e-6, rtol=1e-4)},
+    torch.float16: {"loss": Tol(atol=2e-5, rtol=2e-5), "grad": Tol(atol=2e-5, rtol=2.0**-9)},
+    torch.bfloat16: {"loss": Tol(atol=2e-5, rtol=2e-5), "grad": Tol(atol=1e-4, rtol=2.0**-6)},
+}
+
+_PRECISION_ORDER = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def tolerance(dtype: torch.dtype, quantity: str, backend: str = "torch") -> Tol:
+    """The tolerance of `quantity` ("loss" or "grad") for `dtype` on `backend`.
+
+    The Triton kernels compute in fp32 whatever the input dtype, so on that backend float64
+    inputs get the float32 tolerance.
+    """
+    if backend == "triton" and dtype == torch.float64:
+        dtype = torch.float32
+    return TOLERANCES[dtype][quantity]
+
+
+def least_precise(*dtypes: torch.dtype) -> torch.dtype:
+    return min(dtypes, key=_PRECISION_ORDER.index)
+
+
+# Largest errors seen against the float64 truth, per (dtype, quantity), for the suite's report.
+# Written as JSON at exit when FASTKD_TEST_ERROR_REPORT names a file.
+MAX_ERRORS: dict[str, dict[str, float]] = {}
+
+
+def _record(key: str, abs_err: float, rel_err: float) -> None:
+    entry = MAX_ERRORS.setdefault(key, {"abs": 0.0, "rel": 0.0})
+    entry["abs"] = max(entry["abs"], abs_err)
+    entry["rel"] = max(entry["rel"], rel_err)
+
+
+@atexit.register
+def _write_error_report() -> None:
+    path = os.environ.get("FASTKD_TEST_ERROR_REPORT")
+    if path and MAX_ERRORS:
+        with open(path, "w") as report:
+            json.dump(MAX_ERRORS, report, indent=1, sort_keys=True)
+
+
+def assert_close(actual, expected, tol: Tol, *, what: str, record: str | None = None,
+                 scale_floor: float = 0.0) -> None:
+    """Compare in float64 under `tol`; NaN must sit exactly where the expected NaNs are."""
+    assert actual is not None, f"{what}: got None"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    nan_actual, nan_expected = actual.isnan(), expected.isnan()
+    assert torch.equal(nan_actual, nan_expected), (
+        f"{what}: NaN at {nan_actual.nonzero().tolist()[:8]}, "
+        f"expected at {nan_expected.nonzero().tolist()[:8]}"
+    )
+    finite = ~nan_expected
+    actual, expected = actual[finite], expected[finite]
+    if expected.numel() == 0:
+        return
+    scale = max(expected.abs().max().item(), scale_floor)
+    error = (actual - expected).abs()
+    if record is not None:
+        _record(record, error.max().item(), error.max().item() / scale if scale else 0.0)
+    bound = tol.atol * scale + tol.rtol * expected.abs()
+    worst = (error - bound).argmax()
+    assert bool((error <= bound).all()), (
+        f"{what}: |actual - expected| = {error[worst].item():.3e} > bound "
+        f"{bound[worst].item():.3e} (actual {actual[worst].item():.9g}, expected "
+        f"{expected[worst].item():.9g}; max error {error.max().item():.3e}, scale {scale:.3g})"
+    )
+
+
+@dataclass
+class Result:
+    loss: torch.Tensor
+    grad_student: torch.Tensor | None
+    grad_teacher: torch.Tensor | None
+
+
+def _softmax_parts(logits: torch.Tensor, temperature: float):
+    """(probabilities, log-probabilities with -inf where the probability is 0) along the rows."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    # A fully masked row would give -inf - (-inf); any finite shift gives the same softmax.
+    row_max = torch.where(torch.isinf(row_max) & (row_max < 0), 0.0, row_max)
+    scaled = (logits - row_max) / temperature
+    exps = torch.exp(scaled)
+    total = exps.sum(dim=-1, keepdim=True)
+    probs = exps / total
+    log_probs = torch.where(exps > 0, scaled - torch.log(total), float("-inf"))
+    return probs, log_probs
+
+
+def float64_truth(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    grad_output: torch.Tensor | float | None = None,
+) -> Result:
+    """Loss and both gradients of `grad_output * loss`, in float64, from the closed forms."""
+    if alpha is None:
+        alpha = 0.5 if labels is not None else 1.0
+    T = float(temperature)
+    vocab = student_logits.shape[-1]
+    leading_shape = student_logits.shape[:-1]
+    s = student_logits.detach().cpu().to(torch.float64).reshape(-1, vocab)
+    t = teacher_logits.detach().cpu().to(torch.float64).reshape(-1, vocab)
+    n_rows = s.shape[0]
+
+    p_sT, log_p_sT = _softmax_parts(s, T)
+    p_tT, log_p_tT = _softmax_parts(t, T)
+    teacher_support = p_tT > 0
+    # Over the teacher's support only: 0 * log 0 = 0 and masked entries add nothing.
+    kl_terms = torch.where(teacher_support, p_tT * (log_p_tT - log_p_sT), 0.0)
+    kl = kl_terms.sum(dim=-1)
+    row_losses = alpha * T * T * kl
+
+    grad_s = alpha * T * (p_sT - p_tT)
+    if labels is None:
+        counted = torch.ones(n_rows, dtype=torch.bool)
+    else:
+        y = labels.detach().cpu().reshape(-1).to(torch.int64)
+        counted = y != ignore_index
+        in_range = (y >= 0) & (y < vocab)
+        p_s1, log_p_s1 = _softmax_parts(s, 1.0)
+        picked = torch.where(in_range, y, 0)
+        ce = -log_p_s1[torch.arange(n_rows), picked]
+        ce = torch.where(in_range, ce, float("nan"))
+        row_losses = torch.where(counted, row_losses + (1.0 - alpha) * ce, 0.0)
+        onehot = torch.zeros_like(s)
+        onehot[torch.arange(n_rows)[in_range], y[in_range]] = 1.0
+        grad_ce = p_s1 - onehot
+        grad_ce[~in_range] = float("nan")
+        grad_s = grad_s + (1.0 - alpha) * grad_ce
+
+    # d(T^2 KL)/dt = T * p_t * (log p_t - log p_s - KL), zero off the teacher's support.
+    grad_t = torch.where(
+        teacher_support, alpha * T * p_tT * (log_p_tT - log_p_sT - kl[:, None]), 0.0
+    )
+
+    counted_rows = int(counted.sum())
+    if reduction == "none":
+        loss = row_losses.reshape(leading_shape)
+        row_weight = torch.ones(n_rows, dtype=torch.float64)
+    else:
+        if reduction == "sum":
+            weight = 1.0
+        elif reduction == "mean":
+            weight = 1.0 / max(counted_rows, 1)
+        elif reduction == "batchmean":
+            weight = 1.0 / (leading_shape[0] if len(leading_shape) else 1)
+        else:
+            raise ValueError(reduction)
+        loss = row_losses.sum() * weight
+        row_weight = torch.full((n_rows,), weight, dtype=torch.float64)
+
+    if grad_output is None:
+        grad_output = 1.0
+    grad_output = torch.as_tensor(grad_output, dtype=torch.float64).detach().cpu()
+    row_scale = row_weight * grad_output.reshape(-1).expand(n_rows)
+    row_scale = torch.where(counted, row_scale, 0.0)[:, None]
+    # Ignored rows get an exact 0 (never 0 * NaN) as the fused op writes them.
+    grad_s = torch.where(counted[:, None], grad_s * row_scale, 0.0)
+    grad_t = torch.where(counted[:, None], grad_t * row_scale, 0.0)
+    return Result(loss, grad_s.reshape(student_logits.shape), grad_t.reshape(teacher_logits.shape))
+
+
+def run_loss(
+    loss_fn,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    grad_output: torch.Tensor | float | None = None,
+    teacher_grad: bool = False,
+    student_grad: bool = True,
+    **kwargs,
+) -> Result:
+    """Loss and gradients of `loss_fn` on leaf copies of the inputs (same strides: detach()).
+
+    grad_output None takes the plain loss.backward() path (scalar reductions) or
+    loss.sum().backward() ("none").
+    """
+    student = student_logits.detach().requires_grad_(student_grad)
+    teacher = teacher_logits.detach().requires_grad_(teacher_grad)
+    loss = loss_fn(student, teacher, labels, **kwargs)
+    if student_grad or teacher_grad:
+        if grad_output is None:
+            (loss if loss.dim() == 0 else loss.sum()).backward()
+        else:
+            loss.backward(torch.as_tensor(grad_output, dtype=loss.dtype, device=loss.device))
+    return Result(loss.detach(), student.grad, teacher.grad)
+
+
+def random_grad_output(loss_shape, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random, sign-mixed grad_output away from 1 (the scale kernel skips factor 1)."""
+    values = torch.rand(loss_shape, generator=generator, dtype=torch.float64) * 2.0 + 0.25
+    signs = torch.where(torch.rand(loss_shape, generator=generator) < 0.3, -1.0, 1.0)
+    return (values * signs).to(torch.float32)
+
+
+def make_logits(shape, dtype=torch.float32, *, scale=3.0, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(
+        dtype).to(device)
+
+
+def make_labels(leading_shape, vocab, *, seed=0, device="cpu", ignore_rows=(),
+                ignore_index=-100, dtype=torch.int64):
+    """Labels in [0, vocab) with the flat rows in `ignore_rows` set to ignore_index."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, vocab, tuple(leading_shape), generator=generator)
+    flat = labels.reshape(-1)
+    for row in ignore_rows:
+        flat[row] = ignore_index
+    return flat.reshape(leading_shape).to(dtype).to(device)
+
+
+def check_against_truth(actual: Result, truth: Result, *, student_dtype, teacher_dtype,
+                        backend: str, teacher_grad: bool = False, student_grad: bool = True,
+                        what: str = "") -> None:
+    """Loss and the requested gradients within the table's tolerances of the float64 truth."""
+    loss_dtype = least_precise(student_dtype, teacher_dtype)
+    record_backend = "triton" if backend == "triton" else "torch"
+    assert_close(actual.loss, truth.loss, tolerance(loss_dtype, "loss", backend),
+                 what=f"{what} loss", record=f"{record_backend} {_name(loss_dtype)} loss",
+                 scale_floor=1.0)
+    if student_grad:
+        assert actual.grad_student is not None, f"{what}: no student gradient"
+        assert actual.grad_student.dtype == student_dtype
+        assert_close(actual.grad_student, truth.grad_student,
+                     tolerance(student_dtype, "grad", backend), what=f"{what} student grad",
+                     record=f"{record_backend} {_name(student_dtype)} grad_student")
+    if teacher_grad:
+        assert actual.grad_teacher is not None, f"{what}: no teacher gradient"
+        assert actual.grad_teacher.dtype == teacher_dtype
+        assert_close(actual.grad_teacher, truth.grad_teacher,
+                     tolerance(teacher_dtype, "grad", backend), what=f"{what} teacher grad",
+                     record=f"{record_backend} {_name(teacher_dtype)} grad_teacher")
+    else:
+        assert actual.grad_teacher is None, f"{what}: teacher got a gradient it did not ask for"
+
+
+def check_against_reference(actual: Result, reference: Result, *, student_dtype, teacher_dtype,
+                            backend: str, what: str = "") -> None:
+    """fastkd against fastkd.reference: both carry fp32 rounding, so the tolerance is doubled."""
+    loss_dtype = least_precise(student_dtype, teacher_dtype)
+    loss_tol = tolerance(loss_dtype, "loss", backend)
+    assert_close(actual.loss, reference.loss, Tol(2 * loss_tol.atol, 2 * loss_tol.rtol),
+                 what=f"{what} loss vs reference", scale_floor=1.0)
+    for name, mine, theirs, dtype in (
+        ("student", actual.grad_student, reference.grad_student, student_dtype),
+        ("teacher", actual.grad_teacher, reference.grad_teacher, teacher_dtype),
+    ):
+        if theirs is None:
+            assert mine is None, f"{what}: unexpected {name} gradient"
+            continue
+        grad_tol = tolerance(dtype, "grad", backend)
+        assert_close(mine, theirs, Tol(2 * grad_tol.atol, 2 * grad_tol.rtol),
+                     what=f"{what} {name} grad vs reference")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fastkd_loss(student, teacher, labels, **kwargs):
+    return fastkd.kd_loss(student, teacher, labels, **kwargs)
+
+
+def reference_loss(student, teacher, labels, **kwargs):
+    return fastkd.reference.kd_loss(student, teacher, labels, **kwargs)
