@@ -28,8 +28,8 @@ the global loss (the same value on every rank) and the gradient of its own slice
 ``loss.backward()`` delivers.
 
 Megatron's LM head gives sequence-first logits (L, B, V_local) while its labels are (B, L): pass
-``labels.transpose(0, 1)`` so labels have the logits' leading shape. The loss runs eagerly (the
-collective sits inside an autograd Function; torch.compile breaks the graph around it).
+``labels.transpose(0, 1)`` so labels have the logits' leading shape. Under torch.compile pass
+``vocab_start_index``: without it the offset costs a host sync, which breaks the graph.
 """
 
 from __future__ import annotations
