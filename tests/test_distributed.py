@@ -358,8 +358,18 @@ def run_group(world_size: int, tmp_dir) -> list[dict]:
     """Spawn `world_size` gloo workers (file rendezvous: no port to pick or collide on), wait
     at most GROUP_TIMEOUT_S, and return every rank's results."""
     init_file = str(tmp_dir / "rendezvous")
-    context = mp.start_processes(_worker, args=(world_size, init_file, str(tmp_dir)),
-                                 nprocs=world_size, join=False, start_method="spawn")
+    # Workers run the Triton cases in the interpreter on CPU tensors, also on a GPU host. The
+    # children copy the environment when they start; this process keeps its own setting.
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        context = mp.start_processes(_worker, args=(world_size, init_file, str(tmp_dir)),
+                                     nprocs=world_size, join=False, start_method="spawn")
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
     deadline = time.monotonic() + GROUP_TIMEOUT_S
     try:
         while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
@@ -380,8 +390,6 @@ def group_results(tmp_path_factory):
 
     def get(world_size: int):
         if world_size not in results:
-            # Workers run the Triton cases in the interpreter on CPU tensors, also on a GPU host.
-            os.environ["TRITON_INTERPRET"] = "1"
             results[world_size] = run_group(world_size, tmp_path_factory.mktemp(f"w{world_size}"))
         return results[world_size]
 
@@ -565,7 +573,9 @@ def test_kd_loss_without_process_group_says_so():
 
 @pytest.fixture
 def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+    # On a GPU host the Triton backend's tensors live on CUDA, which NCCL serves.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                             world_size=1, timeout=datetime.timedelta(seconds=30))
     yield
     dist.destroy_process_group()
