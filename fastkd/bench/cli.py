@@ -153,7 +153,34 @@ def run_benchmark(args) -> int:
         except ImportError:
             print("(tqdm not installed: no progress bar)", file=sys.stderr)
 
+    load_before = _load_average()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    meta = {
+        "device": device, "device_name": name, "device_slug": device_slug(device),
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"), "elapsed_s": None,
+        "shapes": shapes, "providers": providers,
+        "provider_descriptions": {p: PROVIDERS[p].description for p in providers},
+        "compile_dynamic": compile_is_dynamic(device),
+        "temperature": TEMPERATURE, "alpha": ALPHA, "ignored_fraction": IGNORED_FRACTION,
+        "timing": ("median of triton.testing.do_bench (CUDA events, L2 flushed, grads reset)"
+                   if device == "cuda" else
+                   f"median wall time of up to {settings.cpu_reps} full-size runs after a "
+                   "warm-up on a few rows"),
+        "memory": ("torch.cuda.max_memory_allocated above the allocations before the call"
+                   if device == "cuda" else
+                   "peak RSS above the RSS after inputs exist, one process per provider"
+                   if isolate else "peak RSS in a shared process (--no-isolate: not comparable)"),
+        "versions": environment(device),
+        # Other processes on the machine skew CPU timings: say how busy it was.
+        "load_average_1min": {"start": load_before, "end": None},
+        "cpu_count": os.cpu_count(),
+        "accuracy_rows": {c.name: settings.rows_for_accuracy(c) for c in cases},
+        "complete": False,
+    }
+    records: list[dict] = []
+
     def on_result(record):
+        records.append(record)
         if record["status"] == "ok":
             line = (f"{record['case']:<28} {record['provider']:<15} "
                     f"{record['time_ms']:>10.3f} ms {record['bandwidth_gbps']:>8.1f} GB/s")
@@ -165,33 +192,15 @@ def run_benchmark(args) -> int:
             bar.write(line)
         else:
             print(line, file=sys.stderr, flush=True)
+        # Partial results survive a run that is cut short (a timeout in gpu_check.sh).
+        report.write_results(out_dir, meta, records, make_plots=False)
 
-    load_before = _load_average()
-    started = datetime.datetime.now(datetime.timezone.utc)
-    records = run_suite(cases, providers, settings, isolate=isolate, on_result=on_result)
+    run_suite(cases, providers, settings, isolate=isolate, on_result=on_result)
     if bar is not None:
         bar.close()
     elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-    meta = {
-        "device": device, "device_name": name, "device_slug": device_slug(device),
-        "date": started.strftime("%Y-%m-%d %H:%M UTC"), "elapsed_s": round(elapsed, 1),
-        "shapes": shapes, "providers": providers,
-        "provider_descriptions": {p: PROVIDERS[p].description for p in providers},
-        "compile_dynamic": compile_is_dynamic(device),
-        "temperature": TEMPERATURE, "alpha": ALPHA, "ignored_fraction": IGNORED_FRACTION,
-        "timing": ("median of triton.testing.do_bench (CUDA events, L2 flushed, grads reset)"
-                   if device == "cuda" else
-                   f"median wall time of up to {settings.cpu_reps} runs after a warm-up run"),
-        "memory": ("torch.cuda.max_memory_allocated above the allocations before the call"
-                   if device == "cuda" else
-                   "peak RSS above the RSS after inputs exist, one process per provider"
-                   if isolate else "peak RSS in a shared process (--no-isolate: not comparable)"),
-        "versions": environment(device),
-        # Other processes on the machine skew CPU timings: say how busy it was.
-        "load_average_1min": {"start": load_before, "end": _load_average()},
-        "cpu_count": os.cpu_count(),
-        "accuracy_rows": {c.name: settings.rows_for_accuracy(c) for c in cases},
-    }
+    meta.update(elapsed_s=round(elapsed, 1), complete=True)
+    meta["load_average_1min"]["end"] = _load_average()
     paths = report.write_results(out_dir, meta, records, make_plots=not args.no_plots)
     targets = report.evaluate_targets(records, device)
     print(report.results_table(records))

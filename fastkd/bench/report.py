@@ -141,8 +141,9 @@ def targets_table(targets: list[dict]) -> str:
 def markdown(meta: dict, records: list[dict], targets: list[dict]) -> str:
     env = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
     return "\n\n".join([
-        f"# fastkd benchmark: {meta['device_name']}",
-        f"{meta['date']}. {env}. Load average (1 min) at start/end: "
+        f"# fastkd benchmark: {meta['device_name']}"
+        + ("" if meta.get("complete", True) else " (INCOMPLETE: the run was cut short)"),
+        f"{meta['date']}, {meta.get('elapsed_s')} s. {env}. Load average (1 min) at start/end: "
         f"{meta.get('load_average_1min', {}).get('start')}/"
         f"{meta.get('load_average_1min', {}).get('end')} on {meta.get('cpu_count')} CPUs. "
         f"Shape set `{meta['shapes']}`; T={meta['temperature']}, "

@@ -18,10 +18,12 @@ OnResult = Callable[[dict], None]
 
 
 def run_suite(cases: list[Case], providers: list[str], settings: Settings, *, isolate: bool,
-              on_result: OnResult | None = None, workdir: Path | None = None) -> list[dict]:
+              on_result: OnResult | None = None,
+              reference_dir: Path | None = None) -> list[dict]:
     """Measure every provider on every case; a provider that cannot run a case gets a record
     saying why. With isolate=True each provider runs in a fresh Python process, so that its peak
-    RSS is its own (the CPU memory figures need this)."""
+    RSS is its own (the CPU memory figures need this). float64 references are cached in
+    reference_dir when given (kept across calls), else in a temporary folder."""
     records: list[dict] = []
 
     def emit(record: dict) -> None:
@@ -37,26 +39,27 @@ def run_suite(cases: list[Case], providers: list[str], settings: Settings, *, is
                 emit(measure(case, name, settings, references, built))
         return records
 
-    with tempfile.TemporaryDirectory(prefix="fastkd-bench-", dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="fastkd-bench-") as tmp:
         folder = Path(tmp)
+        ref_folder = reference_dir if reference_dir is not None else folder / "references"
         # float64 references once, here; the workers load them instead of recomputing.
-        references = ReferenceStore(settings.device, settings.seed, folder / "references")
+        references = ReferenceStore(settings.device, settings.seed, ref_folder)
         for case in cases:
             references.get(case, settings.rows_for_accuracy(case))
             settings.copy_bandwidth[case.name] = copy_bandwidth(minimal_bytes(case), settings)
         for name in providers:
-            _run_worker(name, cases, settings, folder, emit)
+            _run_worker(name, cases, settings, folder, ref_folder, emit)
     return records
 
 
 def _run_worker(provider: str, cases: list[Case], settings: Settings, folder: Path,
-                emit: OnResult) -> None:
+                ref_folder: Path, emit: OnResult) -> None:
     request = folder / f"request-{provider}.json"
     request.write_text(json.dumps({
         "provider": provider,
         "cases": [case.to_dict() for case in cases],
         "settings": asdict(settings),
-        "references": str(folder / "references"),
+        "references": str(ref_folder),
     }))
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")

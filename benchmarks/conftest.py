@@ -1,0 +1,89 @@
+"""pytest-benchmark suite over the same cases and providers as `fastkd-bench`.
+
+Options: --fastkd-shapes (default: gpu on CUDA, cpu otherwise), --fastkd-providers,
+--fastkd-results (default: benchmarks/results). At the end of the session the measurements are
+written to <results>/<device-slug>/ as results.json, results.md and PNG plots, like the CLI does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastkd.bench import report
+from fastkd.bench.cases import SHAPE_SETS, default_shape_set, device_name, device_slug
+from fastkd.bench.measure import ReferenceStore, Settings
+from fastkd.bench.providers import PROVIDERS, compile_is_dynamic, default_providers
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HERE = Path(__file__).parent
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastkd")
+    group.addoption("--fastkd-shapes", choices=sorted(SHAPE_SETS),
+                    default=default_shape_set(DEVICE), help="shape set to run")
+    group.addoption("--fastkd-providers", nargs="+", choices=sorted(PROVIDERS),
+                    default=None, help="providers (default: all that apply to the device)")
+    group.addoption("--fastkd-results", type=Path, default=HERE / "results",
+                    help="results go to <this>/<device-slug>/")
+
+
+def pytest_generate_tests(metafunc):
+    config = metafunc.config
+    if "case" in metafunc.fixturenames:
+        cases = SHAPE_SETS[config.getoption("--fastkd-shapes")]
+        metafunc.parametrize("case", cases, ids=[c.name for c in cases])
+    if "provider" in metafunc.fixturenames:
+        providers = config.getoption("--fastkd-providers") or default_providers(DEVICE)
+        metafunc.parametrize("provider", providers)
+
+
+class BenchState:
+    """What the tests of one session share: settings, float64 references, built providers."""
+
+    def __init__(self, reference_dir: Path):
+        self.device = DEVICE
+        self.settings = Settings(device=DEVICE)
+        self.reference_dir = reference_dir
+        self.references = ReferenceStore(DEVICE, self.settings.seed, reference_dir)
+        self.built: dict = {}
+        self.records: list[dict] = []
+
+
+_STATE: list[BenchState] = []
+
+
+@pytest.fixture(scope="session")
+def bench_state(tmp_path_factory):
+    state = BenchState(tmp_path_factory.mktemp("fastkd-references"))
+    _STATE.append(state)
+    return state
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _STATE or not _STATE[0].records:
+        return
+    state = _STATE[0]
+    out_dir = session.config.getoption("--fastkd-results") / device_slug(state.device)
+    meta = {
+        "device": state.device, "device_name": device_name(state.device),
+        "device_slug": device_slug(state.device), "date": "",
+        "shapes": session.config.getoption("--fastkd-shapes"),
+        "providers": sorted({r["provider"] for r in state.records}),
+        "compile_dynamic": compile_is_dynamic(state.device),
+        "temperature": 2.0, "alpha": 0.5, "ignored_fraction": 0.05,
+        "timing": "fastkd.bench.measure (pytest-benchmark keeps its own statistics)",
+        "memory": "fastkd.bench.measure, one process per measurement on CPU",
+        "versions": {"torch": torch.__version__},
+        "runner": "pytest-benchmark suite (benchmarks/)",
+    }
+    import datetime
+
+    meta["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    paths = report.write_results(out_dir, meta, state.records)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"fastkd results written to {paths['markdown'].parent}/")
