@@ -289,12 +289,22 @@ def check_against_truth(actual: Result, truth: Result, *, student_dtype, teacher
         assert actual.grad_teacher is None, f"{what}: teacher got a gradient it did not ask for"
 
 
+# The reference's autograd gradient is an fp32 softmax backward whose row sum over V products
+# costs it up to ~2e-5 of the gradient's scale at V = 128256 (fastkd's closed form is tighter).
+REFERENCE_SLACK = 10
+
+
 def check_against_reference(actual: Result, reference: Result, *, student_dtype, teacher_dtype,
                             backend: str, what: str = "") -> None:
-    """fastkd against fastkd.reference: both carry fp32 rounding, so the tolerance is doubled."""
+    """fastkd against fastkd.reference, REFERENCE_SLACK times the table's tolerance.
+
+    The float64 truth is the strict check; this one catches semantic differences (masks,
+    reductions, dtypes), so it allows for the reference's own fp32 error.
+    """
     loss_dtype = least_precise(student_dtype, teacher_dtype)
     loss_tol = tolerance(loss_dtype, "loss", backend)
-    assert_close(actual.loss, reference.loss, Tol(2 * loss_tol.atol, 2 * loss_tol.rtol),
+    slack = REFERENCE_SLACK
+    assert_close(actual.loss, reference.loss, Tol(slack * loss_tol.atol, slack * loss_tol.rtol),
                  what=f"{what} loss vs reference", scale_floor=1.0)
     for name, mine, theirs, dtype in (
         ("student", actual.grad_student, reference.grad_student, student_dtype),
@@ -304,7 +314,7 @@ def check_against_reference(actual: Result, reference: Result, *, student_dtype,
             assert mine is None, f"{what}: unexpected {name} gradient"
             continue
         grad_tol = tolerance(dtype, "grad", backend)
-        assert_close(mine, theirs, Tol(2 * grad_tol.atol, 2 * grad_tol.rtol),
+        assert_close(mine, theirs, Tol(slack * grad_tol.atol, slack * grad_tol.rtol),
                      what=f"{what} {name} grad vs reference")
 
 
