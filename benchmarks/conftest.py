@@ -25,8 +25,9 @@ def pytest_addoption(parser):
     group = parser.getgroup("fastkd")
     group.addoption("--fastkd-shapes", choices=sorted(SHAPE_SETS),
                     default=default_shape_set(DEVICE), help="shape set to run")
-    group.addoption("--fastkd-providers", nargs="+", choices=sorted(PROVIDERS),
-                    default=None, help="providers (default: all that apply to the device)")
+    group.addoption("--fastkd-providers", default=None,
+                    help="comma-separated providers out of " + ",".join(sorted(PROVIDERS))
+                    + " (default: all that apply to the device)")
     group.addoption("--fastkd-results", type=Path, default=HERE / "results",
                     help="results go to <this>/<device-slug>/")
 
@@ -37,7 +38,11 @@ def pytest_generate_tests(metafunc):
         cases = SHAPE_SETS[config.getoption("--fastkd-shapes")]
         metafunc.parametrize("case", cases, ids=[c.name for c in cases])
     if "provider" in metafunc.fixturenames:
-        providers = config.getoption("--fastkd-providers") or default_providers(DEVICE)
+        chosen = config.getoption("--fastkd-providers")
+        providers = chosen.split(",") if chosen else default_providers(DEVICE)
+        unknown = sorted(set(providers) - set(PROVIDERS))
+        if unknown:
+            raise pytest.UsageError(f"--fastkd-providers: unknown {unknown}")
         metafunc.parametrize("provider", providers)
 
 

@@ -82,6 +82,8 @@ def parse_args(argv):
                         help="GPU time per do_bench measurement")
     parser.add_argument("--cpu-reps", type=int, default=3,
                         help="CPU timed repetitions after one warm-up")
+    parser.add_argument("--cpu-threads", type=int,
+                        help="CPU: torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--no-progress", action="store_true")
     static = parser.add_argument_group("static kernel report")
     static.add_argument("--static", action="store_true",
@@ -137,7 +139,7 @@ def run_benchmark(args) -> int:
     cases = [c for c in SHAPE_SETS[shapes] if c.mode in args.modes]
     providers = args.providers or default_providers(device)
     settings = Settings(device=device, seed=args.seed, gpu_rep_ms=args.gpu_rep_ms,
-                        cpu_reps=args.cpu_reps)
+                        cpu_reps=args.cpu_reps, cpu_threads=args.cpu_threads)
     isolate = device == "cpu" and not args.no_isolate
     out_dir = args.out_dir / device_slug(device)
     name = device_name(device)
@@ -174,6 +176,7 @@ def run_benchmark(args) -> int:
         # Other processes on the machine skew CPU timings: say how busy it was.
         "load_average_1min": {"start": load_before, "end": None},
         "cpu_count": os.cpu_count(),
+        "torch_threads": settings.cpu_threads or torch.get_num_threads(),
         "accuracy_rows": {c.name: settings.rows_for_accuracy(c) for c in cases},
         "complete": False,
     }

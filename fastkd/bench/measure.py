@@ -56,6 +56,8 @@ class Settings:
     # CPU: timed repetitions after the warm-up call, cut short once cpu_budget_s is spent.
     cpu_reps: int = 3
     cpu_budget_s: float = 2.5
+    # torch intra-op threads for CPU runs (None: torch's default, one per core).
+    cpu_threads: int | None = None
     # Device-copy bandwidth per case name, measured once by the parent of isolated workers so
     # that every provider of a case is compared with the same figure.
     copy_bandwidth: dict = field(default_factory=dict)

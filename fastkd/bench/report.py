@@ -145,8 +145,9 @@ def markdown(meta: dict, records: list[dict], targets: list[dict]) -> str:
         + ("" if meta.get("complete", True) else " (INCOMPLETE: the run was cut short)"),
         f"{meta['date']}, {meta.get('elapsed_s')} s. {env}. Load average (1 min) at start/end: "
         f"{meta.get('load_average_1min', {}).get('start')}/"
-        f"{meta.get('load_average_1min', {}).get('end')} on {meta.get('cpu_count')} CPUs. "
-        f"Shape set `{meta['shapes']}`; T={meta['temperature']}, "
+        f"{meta.get('load_average_1min', {}).get('end')} on {meta.get('cpu_count')} CPUs"
+        + (f", {meta.get('torch_threads')} torch threads. " if meta["device"] == "cpu" else ". ")
+        + f"Shape set `{meta['shapes']}`; T={meta['temperature']}, "
         f"alpha={meta['alpha']}, ~{meta['ignored_fraction']:.0%} of labels ignored. "
         f"Time: {meta['timing']}. Memory: {meta['memory']}. Errors against float64: loss over "
         f"all rows, gradient over the first rows (see JSON). Bandwidth counts the minimal bytes "

@@ -25,6 +25,7 @@ def run_suite(cases: list[Case], providers: list[str], settings: Settings, *, is
     RSS is its own (the CPU memory figures need this). float64 references are cached in
     reference_dir when given (kept across calls), else in a temporary folder."""
     records: list[dict] = []
+    apply_threads(settings)
 
     def emit(record: dict) -> None:
         records.append(record)
@@ -50,6 +51,13 @@ def run_suite(cases: list[Case], providers: list[str], settings: Settings, *, is
         for name in providers:
             _run_worker(name, cases, settings, folder, ref_folder, emit)
     return records
+
+
+def apply_threads(settings: Settings) -> None:
+    if settings.device == "cpu" and settings.cpu_threads:
+        import torch
+
+        torch.set_num_threads(settings.cpu_threads)
 
 
 def _run_worker(provider: str, cases: list[Case], settings: Settings, folder: Path,

@@ -11,12 +11,14 @@ from pathlib import Path
 
 from .cases import Case
 from .measure import ReferenceStore, Settings, measure
+from .run import apply_threads
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(argv[0]).read_text())
     settings = Settings(**request["settings"])
+    apply_threads(settings)
     references = ReferenceStore(settings.device, settings.seed, Path(request["references"]))
     built: dict = {}
     for case_fields in request["cases"]:
