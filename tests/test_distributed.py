@@ -11,6 +11,7 @@ Three layers, cheapest first:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -70,7 +71,7 @@ def make_inputs(case: dict):
         start, stop = bounds[-1]
         s2[0, start:stop] = float("-inf")
         t2[0, start:stop] = float("-inf")
-        # Row 1: scattered teacher-only masks (0 * log 0 terms), student masked where both are.
+        # Row 1: scattered teacher masks (0 * log 0 terms), the student masked on half of them.
         holes = torch.rand(s2.shape[1], generator=gen) < 0.3
         t2[1, holes] = float("-inf")
         s2[1, holes & (torch.arange(vocab) % 2 == 0)] = float("-inf")
@@ -257,7 +258,7 @@ GROUP_CASES = {
 }
 
 
-def run_vocab_parallel_case(case: dict, rank: int, group, group_rank: int) -> dict:
+def run_vocab_parallel_case(case: dict, group, group_rank: int) -> dict:
     student, teacher, labels, grad_output = make_inputs(case)
     if case.get("all_ignored"):
         labels.fill_(IGNORE)
@@ -278,7 +279,7 @@ def run_vocab_parallel_case(case: dict, rank: int, group, group_rank: int) -> di
 
 
 # The data-parallel model: embedding + LM head; the teacher is a fixed, different model.
-DDP_VOCAB, DDP_HIDDEN, DDP_MICRO_BATCHES, DDP_SHAPE = 48, 16, 2, (2, 5)
+DDP_VOCAB, DDP_HIDDEN, DDP_SHAPE = 48, 16, (2, 5)
 
 
 def make_lm(seed: int) -> torch.nn.Module:
@@ -322,8 +323,9 @@ def run_ddp(rank: int, world_size: int, backend: str, recipe: str) -> dict:
         criterion = fastkd.KDLoss(reduction="mean", **options)
         scale = 1.0 / len(batches)
     for i, (tokens, labels) in enumerate(batches):
-        sync = i + 1 == len(batches)
-        with model.no_sync() if not sync else torch.enable_grad():
+        # DDP all-reduces the gradients at the last micro-batch only.
+        last = i + 1 == len(batches)
+        with contextlib.nullcontext() if last else model.no_sync():
             loss = criterion(model(tokens), teacher(tokens), labels) * scale
             loss.backward()
     return {name: p.grad.clone() for name, p in model.module.named_parameters()}
@@ -341,7 +343,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             # new_group is collective over the whole world, members or not.
             group = dist.new_group(members) if "subgroup" in case else None
             if rank in members:
-                results[name] = run_vocab_parallel_case(case, rank, group, members.index(rank))
+                results[name] = run_vocab_parallel_case(case, group, members.index(rank))
         if world_size == 2:
             for backend, recipe in DDP_RUNS:
                 results[f"ddp_{backend}_{recipe}"] = run_ddp(rank, world_size, backend, recipe)
