@@ -81,7 +81,8 @@ def parse_args(argv):
     parser.add_argument("--gpu-rep-ms", type=int, default=100,
                         help="GPU time per do_bench measurement")
     parser.add_argument("--cpu-reps", type=int, default=3,
-                        help="CPU timed repetitions after one warm-up")
+                        help="CPU: full-size timed runs at most (the first also gives memory and "
+                             "error); stops early after 2.5 s")
     parser.add_argument("--cpu-threads", type=int,
                         help="CPU: torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--no-progress", action="store_true")

@@ -88,5 +88,7 @@ def _run_worker(provider: str, cases: list[Case], settings: Settings, folder: Pa
         for case in cases:
             if case.name not in done:
                 record = base_record(case, provider, settings)
-                record.update(status="oom" if "memory" in tail.lower() else "error", reason=why)
+                # SIGKILL with nothing on stderr is what the kernel's OOM killer leaves.
+                out_of_memory = "memory" in tail.lower() or proc.returncode == -9
+                record.update(status="oom" if out_of_memory else "error", reason=why)
                 emit(record)
