@@ -108,7 +108,7 @@ fi
 # --- 3. GPU tests ------------------------------------------------------------------------------
 if [[ -f "$REPO/tests/test_gpu.py" ]]; then
   say "running tests/test_gpu.py"
-  (cd "$WORK" && timeout 150 "$PY" -m pytest -q -p no:cacheprovider -c "$REPO/pytest.ini" \
+  (cd "$WORK" && timeout 110 "$PY" -m pytest -q -p no:cacheprovider -c "$REPO/pytest.ini" \
       --rootdir "$REPO" "$REPO/tests/test_gpu.py" --junitxml="$OUTDIR/test_gpu.xml") 2>&1 \
     | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
