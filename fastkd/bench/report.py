@@ -158,7 +158,7 @@ def markdown(meta: dict, records: list[dict], targets: list[dict]) -> str:
     ]) + "\n"
 
 
-def plot(records: list[dict], out_dir: Path) -> list[Path]:
+def plot(records: list[dict], out_dir: Path, title: str = "") -> list[Path]:
     """time_vs_V.png and bandwidth_vs_V.png: one panel per (dtype, mode, N), a line per provider."""
     import matplotlib
 
@@ -196,6 +196,8 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
+        if title:
+            fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         path = out_dir / fname
         fig.savefig(path, dpi=110)
@@ -214,7 +216,7 @@ def write_results(out_dir: Path, meta: dict, records: list[dict], make_plots: bo
     paths["markdown"].write_text(markdown(meta, records, targets))
     if make_plots:
         try:
-            paths["plots"] = plot(records, out_dir)
+            paths["plots"] = plot(records, out_dir, f"fastkd-bench, {meta['device_name']}")
         except ImportError as exc:
             paths["plots"] = f"skipped: {exc} (pip install fastkd[bench])"
     return paths
