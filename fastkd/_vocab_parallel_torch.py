@@ -134,11 +134,13 @@ def shard_loss_and_grad(
     ignore_index: int,
     student_grad: bool,
     teacher_grad: bool,
+    grad_student_out: torch.Tensor | None = None,
 ):
     """Global per-row losses and w * dloss/d(shard) from the gathered statistics.
 
     Returns (row_losses (N,), grad_student (N, V_local) or None, grad_teacher or None); the
     losses are the same on every rank, the gradients cover this rank's columns only.
+    grad_student_out, when given, receives the student gradient (it may be the student shard).
     """
     n_rows, vocab = student_shard.shape
     device = student_shard.device
@@ -154,7 +156,9 @@ def shard_loss_and_grad(
 
     grad_s = grad_t = None
     if student_grad:
-        grad_s = torch.empty((n_rows, vocab), dtype=student_shard.dtype, device=device)
+        grad_s = grad_student_out
+        if grad_s is None:
+            grad_s = torch.empty((n_rows, vocab), dtype=student_shard.dtype, device=device)
     if teacher_grad:
         grad_t = torch.empty((n_rows, vocab), dtype=teacher_shard.dtype, device=device)
     if not (student_grad or teacher_grad):
@@ -163,6 +167,7 @@ def shard_loss_and_grad(
     weight = row_weight.to(dtype)
     coef_kl = weight * (alpha * T)
     for rows in _row_chunks(n_rows, vocab):
+        # New tensors from here on: writing the gradient over the shard (in place) is safe.
         s_c = student_shard[rows].to(dtype) - m_s[rows, None]
         t_c = teacher_shard[rows].to(dtype) - m_t[rows, None]
         log_p_tt = t_c / T - log_z_b[rows, None]

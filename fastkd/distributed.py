@@ -10,13 +10,15 @@ and divide by the token count of the whole optimizer step, all ranks and micro-b
 
     criterion = fastkd.KDLoss(temperature=2.0, alpha=0.5, reduction="sum")
     n_tokens = fastkd.distributed.global_token_count(micro_batch_labels)   # one all-reduce
+    # DDP and FSDP average gradients over ranks: dividing by n_tokens / world_size undoes that.
+    normalizer = n_tokens.clamp(min=1) / world_size
     for i, (batch, labels) in enumerate(zip(micro_batches, micro_batch_labels)):
         with model.no_sync() if i + 1 < len(micro_batches) else contextlib.nullcontext():
-            loss = criterion(model(batch), teacher(batch), labels)
-            # DDP and FSDP average gradients over ranks: multiply by the world size to undo it.
-            (loss * world_size / n_tokens.clamp(min=1)).backward()
+            criterion(model(batch), teacher(batch), labels, normalizer=normalizer).backward()
 
-The gradient then equals that of ``reduction="mean"`` on the concatenated batch.
+The gradient then equals that of ``reduction="mean"`` on the concatenated batch. ``normalizer``
+folds the division into the fused gradient; ``(loss * world_size / n).backward()`` gives the same
+gradient with one more pass over it. :func:`kd_loss` below takes ``normalizer`` too.
 
 Vocab parallel (Megatron-style tensor parallelism)
 --------------------------------------------------
@@ -40,9 +42,8 @@ import torch
 import torch.distributed as dist
 
 from . import _torch_backend, _vocab_parallel_torch
-from ._validation import validate_kd_args
-from .functional import select_backend
-from .reference import batchmean_divisor
+from ._validation import check_inplace_flag, validate_kd_args
+from .functional import _row_weight, select_backend
 
 __all__ = ["global_token_count", "kd_loss"]
 
@@ -79,19 +80,6 @@ def _select_vocab_parallel_backend(device: torch.device):
     return kd_vocab_parallel
 
 
-def _reduction_weight(labels, args, device, dtype) -> torch.Tensor:
-    """Weight of one counted row under the reduction, as a 0-d device tensor (no host sync)."""
-    if args.reduction == "mean":
-        if labels is None:
-            return torch.full((), 1.0 / max(args.num_rows, 1), dtype=dtype, device=device)
-        # Every row ignored: weight 1 over a zero sum, so the loss is 0 rather than 0/0.
-        return (labels != args.ignore_index).sum().clamp(min=1).to(dtype).reciprocal()
-    if args.reduction == "batchmean":
-        divisor = batchmean_divisor(args.leading_shape)
-        return torch.full((), 1.0 / divisor, dtype=dtype, device=device)
-    return torch.ones((), dtype=dtype, device=device)
-
-
 def _shard_offset(vocab_size: int, device: torch.device, group) -> int:
     """This rank's first global vocabulary id, from every rank's slice size (one all-gather)."""
     local = torch.tensor([vocab_size], dtype=torch.int64, device=device)
@@ -119,7 +107,7 @@ class _VocabParallelKDLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_shard, teacher_shard, labels, args, vocab_start, group, backend,
-                student_grad, teacher_grad):
+                inplace_backward, student_grad, teacher_grad):
         vocab = args.vocab_size
         student_2d = student_shard.reshape(-1, vocab)
         teacher_2d = teacher_shard.reshape(-1, vocab)
@@ -129,12 +117,26 @@ class _VocabParallelKDLoss(torch.autograd.Function):
             temperature=args.temperature, ignore_index=args.ignore_index,
         )
         gathered = _all_gather_rows(stats, group)
-        weight = _reduction_weight(labels_1d, args, student_shard.device, gathered.dtype)
+        # Labels are the same on every rank, so the weight (1 / counted rows for "mean") is too.
+        weight = _row_weight(labels_1d, args, student_shard.device, gathered.dtype)
+        # In place only if the 2-D view shares the student's storage (reshape did not copy).
+        inplace = inplace_backward and student_grad and (
+            student_2d.untyped_storage().data_ptr()
+            == student_shard.untyped_storage().data_ptr()
+        )
         row_losses, grad_student, grad_teacher = backend.shard_loss_and_grad(
             gathered, student_2d, teacher_2d, labels_1d, weight, vocab_start=vocab_start,
             temperature=args.temperature, alpha=args.alpha, ignore_index=args.ignore_index,
             student_grad=student_grad, teacher_grad=teacher_grad,
+            grad_student_out=student_2d if inplace else None,
         )
+        if inplace:
+            # The logits now hold the gradient: any other op that saved them for its backward
+            # must raise rather than use the overwritten values.
+            torch.autograd.graph.increment_version(student_shard)
+            # Saved detached: backward scales it in place, which autograd forbids on a view of
+            # a tensor that requires grad.
+            grad_student = grad_student.detach()
         # Saved (not stashed on ctx) so that backward's in-place scaling bumps their version and
         # a second backward through the same graph raises instead of scaling twice.
         ctx.save_for_backward(grad_student, grad_teacher)
@@ -143,17 +145,26 @@ class _VocabParallelKDLoss(torch.autograd.Function):
         if args.reduction == "none":
             return row_losses.reshape(args.leading_shape)
         total = row_losses.sum()
-        return total if args.reduction == "sum" else total * weight.to(total.dtype)
+        if args.reduction == "sum" and args.normalizer is None:
+            return total
+        return total * weight.to(total.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as error:  # the version check: this backward already ran once
+            raise RuntimeError(
+                "fastkd.distributed.kd_loss computes its gradient once per forward, so its "
+                "backward can run only once; recompute the loss instead"
+            ) from error
         results = []
-        for grad, shape in zip(ctx.saved_tensors, ctx.shapes, strict=True):
+        for grad, shape in zip(saved, ctx.shapes, strict=True):
             if grad is not None:
                 grad = ctx.backend.scale_rows_(grad, grad_output).view(shape)
             results.append(grad)
-        return results[0], results[1], None, None, None, None, None, None, None
+        return results[0], results[1], None, None, None, None, None, None, None, None
 
 
 def kd_loss(
@@ -166,7 +177,9 @@ def kd_loss(
     alpha: float | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    normalizer: float | torch.Tensor | None = None,
     vocab_start_index: int | None = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Vocab-parallel KD loss: :func:`fastkd.kd_loss` of the full-vocabulary logits, computed from
     each rank's slice of them.
@@ -183,7 +196,8 @@ def kd_loss(
         labels: (...) global vocabulary ids, identical on every rank, or None (then alpha == 1).
         group: the tensor-parallel process group (default: the default group). Slices are in
             the group's rank order.
-        temperature, alpha, ignore_index, reduction: as in :func:`fastkd.kd_loss`.
+        temperature, alpha, ignore_index, reduction, normalizer, inplace_backward: as in
+            :func:`fastkd.kd_loss` (inplace_backward overwrites this rank's student slice).
         vocab_start_index: global id of this rank's first column. Pass it in training loops
             (Megatron: ``rank * V_local``, or the start from its vocabulary range helper). None
             derives it from every rank's V_local with one extra all-gather and one host sync.
@@ -200,7 +214,14 @@ def kd_loss(
     args = validate_kd_args(
         student_logits, teacher_logits, labels,
         temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+        normalizer=normalizer,
     )
+    check_inplace_flag(inplace_backward)
+    if inplace_backward and torch.compiler.is_compiling():
+        raise ValueError(
+            "inplace_backward=True cannot be traced by torch.compile (the gradient would alias "
+            "the logits behind the compiler's back); use inplace_backward=False when compiling"
+        )
     if vocab_start_index is None:
         vocab_start_index = _shard_offset(args.vocab_size, student_logits.device, group)
     elif isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int):
@@ -213,6 +234,7 @@ def kd_loss(
     grad_enabled = torch.is_grad_enabled()
     return _VocabParallelKDLoss.apply(
         student_logits, teacher_logits, labels, args, vocab_start_index, group, backend,
+        inplace_backward,
         grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logits.requires_grad,
     )

@@ -183,7 +183,7 @@ def _vp_loss_grad_kernel(
     labels_ptr, labels_stride,  # (N,) global class ids; unused without HAS_LABELS
     weight_ptr,  # () reduction weight w: 1, 1/batch or 1/(counted rows)
     loss_ptr,  # (N,) fp32 (fp64 for fp64 inputs) out: global per-row loss, 0 for ignored rows
-    grad_s_ptr, grad_s_row_stride, grad_s_col_stride,  # (N, V_local) out, student dtype
+    grad_s_ptr, grad_s_row_stride, grad_s_col_stride,  # (N, V_local) out, student dtype; may alias s
     grad_t_ptr, grad_t_row_stride, grad_t_col_stride,  # (N, V_local) out, teacher dtype
     V_local, vocab_start,
     temperature, alpha, ignore_index,
@@ -344,9 +344,12 @@ def shard_loss_and_grad(
     ignore_index: int,
     student_grad: bool,
     teacher_grad: bool,
+    grad_student_out: torch.Tensor | None = None,
 ):
     """Global per-row losses (N,) and w * dloss/d(shard) from the (R, N, NUM_STATS)
-    gathered statistics: (row_losses, grad_student or None, grad_teacher or None)."""
+    gathered statistics: (row_losses, grad_student or None, grad_teacher or None).
+    grad_student_out, when given, receives the student gradient (it may be the student shard:
+    each program reads a block before it writes the same block)."""
     world_size = gathered.shape[0]
     n_rows, vocab = student_shard.shape
     device = student_shard.device
@@ -356,7 +359,9 @@ def shard_loss_and_grad(
     row_losses = torch.empty(n_rows, dtype=loss_dtype, device=device)
     grad_s = grad_t = None
     if student_grad:
-        grad_s = torch.empty((n_rows, vocab), dtype=student_shard.dtype, device=device)
+        grad_s = grad_student_out
+        if grad_s is None:
+            grad_s = torch.empty((n_rows, vocab), dtype=student_shard.dtype, device=device)
     if teacher_grad:
         grad_t = torch.empty((n_rows, vocab), dtype=teacher_shard.dtype, device=device)
     if n_rows == 0:

@@ -93,12 +93,15 @@ def make_inputs(case: dict):
 
 
 def loss_options(case: dict) -> dict:
-    return {
+    options = {
         "temperature": case.get("temperature", 1.0),
         "alpha": case.get("alpha"),
         "reduction": case.get("reduction", "mean"),
         "ignore_index": IGNORE,
     }
+    if "normalizer" in case:
+        options["normalizer"] = case["normalizer"]
+    return options
 
 
 def reference_result(case: dict, unit_upstream: bool = False):
@@ -228,8 +231,8 @@ GROUP_CASES = {
                         alpha=0.4),
         "sum_no_start": dict(seed=12, vocab=64, sizes=[40, 24], lead=(6,), reduction="sum",
                              pass_start=False),
-        "triton_mean": dict(seed=13, vocab=301, sizes=[101, 200], lead=(2, 4), temperature=2.0,
-                            backend="triton"),
+        "triton_mean_inplace": dict(seed=13, vocab=301, sizes=[101, 200], lead=(2, 4),
+                                    temperature=2.0, backend="triton", inplace=True),
         "triton_none_mutual": dict(seed=14, vocab=130, sizes=[65, 65], lead=(7,),
                                    reduction="none", mutual=True, backend="triton",
                                    masked=True),
@@ -241,8 +244,10 @@ GROUP_CASES = {
                               temperature=2.0, alpha=0.3),
         "v1001_sum": dict(seed=22, vocab=1001, sizes=[500, 1, 500], lead=(7,), reduction="sum",
                           temperature=0.7),
-        "v1001_batchmean": dict(seed=23, vocab=1001, sizes=[300, 400, 301], lead=(3, 3),
-                                reduction="batchmean"),
+        "v1001_batchmean_inplace": dict(seed=23, vocab=1001, sizes=[300, 400, 301],
+                                        lead=(3, 3), reduction="batchmean", inplace=True),
+        "sum_normalizer": dict(seed=30, vocab=200, sizes=[70, 60, 70], lead=(7,),
+                               reduction="sum", normalizer=7.5, temperature=2.0),
         "v1001_none": dict(seed=24, vocab=1001, sizes=[334, 334, 333], lead=(8,),
                            reduction="none", temperature=4.0, out_of_range=True),
         "no_labels_no_start": dict(seed=25, vocab=99, sizes=[33, 33, 33], lead=(6,),
@@ -269,6 +274,7 @@ def run_vocab_parallel_case(case: dict, group, group_rank: int) -> dict:
     loss = fkd_dist.kd_loss(
         student_shard, teacher_shard, labels, group=group, **loss_options(case),
         vocab_start_index=start if case.get("pass_start", True) else None,
+        inplace_backward=case.get("inplace", False),
     )
     loss.backward(torch.where(loss.isnan(), 0.0, grad_output.float()) if loss.dim() else None)
     return {
@@ -302,8 +308,10 @@ def ddp_micro_batches(rank: int):
     return batches
 
 
-# The recipe with both backends; the naive per-call mean once, to show it differs.
-DDP_RUNS = [("torch", "global_sum"), ("triton", "global_sum"), ("torch", "naive_mean")]
+# The recipe (normalizer) with both backends, its explicit-division form, and the naive
+# per-call mean once, to show that it differs.
+DDP_RUNS = [("torch", "normalizer"), ("triton", "normalizer"), ("torch", "divide"),
+            ("torch", "naive_mean")]
 
 
 def run_ddp(rank: int, world_size: int, backend: str, recipe: str) -> dict:
@@ -315,18 +323,23 @@ def run_ddp(rank: int, world_size: int, backend: str, recipe: str) -> dict:
     teacher = make_lm(seed=1).requires_grad_(False)
     batches = ddp_micro_batches(rank)
     options = dict(temperature=2.0, alpha=0.5, ignore_index=IGNORE)
-    if recipe == "global_sum":
-        criterion = fastkd.KDLoss(reduction="sum", **options)
-        n_tokens = fkd_dist.global_token_count([y for _, y in batches], IGNORE)
-        scale = world_size / n_tokens.clamp(min=1)
-    else:  # the naive per-call mean, averaged over micro-batches
-        criterion = fastkd.KDLoss(reduction="mean", **options)
-        scale = 1.0 / len(batches)
+    n_tokens = fkd_dist.global_token_count([y for _, y in batches], IGNORE)
     for i, (tokens, labels) in enumerate(batches):
         # DDP all-reduces the gradients at the last micro-batch only.
         last = i + 1 == len(batches)
         with contextlib.nullcontext() if last else model.no_sync():
-            loss = criterion(model(tokens), teacher(tokens), labels) * scale
+            student_logits, teacher_logits = model(tokens), teacher(tokens)
+            if recipe == "normalizer":  # DDP averages over ranks: n_tokens / world_size
+                criterion = fastkd.KDLoss(reduction="sum", **options)
+                loss = criterion(student_logits, teacher_logits, labels,
+                                 normalizer=n_tokens.clamp(min=1) / world_size)
+            elif recipe == "divide":
+                criterion = fastkd.KDLoss(reduction="sum", **options)
+                loss = criterion(student_logits, teacher_logits, labels)
+                loss = loss * world_size / n_tokens.clamp(min=1)
+            else:  # naive: the per-call mean, averaged over micro-batches
+                criterion = fastkd.KDLoss(reduction="mean", **options)
+                loss = criterion(student_logits, teacher_logits, labels) / len(batches)
             loss.backward()
     return {name: p.grad.clone() for name, p in model.module.named_parameters()}
 
@@ -444,16 +457,16 @@ def single_process_grads(backend: str, monkeypatch) -> dict:
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_ddp_global_token_count_recipe_matches_single_process(group_results, backend,
+@pytest.mark.parametrize("backend,recipe", [run for run in DDP_RUNS if run[1] != "naive_mean"])
+def test_ddp_global_token_count_recipe_matches_single_process(group_results, backend, recipe,
                                                               monkeypatch):
     per_rank = group_results(2)
     expected = single_process_grads(backend, monkeypatch)
     for rank in (0, 1):
-        grads = per_rank[rank][f"ddp_{backend}_global_sum"]
+        grads = per_rank[rank][f"ddp_{backend}_{recipe}"]
         for name, grad in expected.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
-        if backend == "torch":
+        if recipe == "normalizer" and backend == "torch":
             naive = per_rank[rank]["ddp_torch_naive_mean"]
             # The per-call mean over uneven token counts really is a different gradient here,
             # so the recipe above is what makes the test pass.
@@ -611,11 +624,26 @@ def test_no_rows(world_of_one, backend, reduction):
     assert s.grad.shape == (0, 9)
 
 
+def test_inplace_backward_overwrites_the_shard_with_its_gradient(world_of_one, backend):
+    gen = torch.Generator().manual_seed(32)
+    s = torch.randn(2, 3, 50, generator=gen).to(backend)
+    t = torch.randn(2, 3, 50, generator=gen).to(backend)
+    y = torch.randint(0, 50, (2, 3), generator=gen).to(backend)
+    expected = s.clone().requires_grad_()
+    fastkd.kd_loss(expected, t, y, temperature=2.0).backward()
+    shard = s.clone().requires_grad_()
+    storage = shard.untyped_storage().data_ptr()
+    fkd_dist.kd_loss(shard, t, y, temperature=2.0, inplace_backward=True).backward()
+    torch.testing.assert_close(shard.grad, expected.grad, rtol=1e-5, atol=1e-7)
+    assert shard.grad.untyped_storage().data_ptr() == storage  # no N x V buffer of its own
+    torch.testing.assert_close(shard.detach(), expected.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_backward_twice_raises(world_of_one):
     s = torch.randn(4, 10, requires_grad=True)
     loss = fkd_dist.kd_loss(s, torch.randn(4, 10), torch.tensor([1, 2, 3, 4]))
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="only once"):
         loss.backward()
 
 
