@@ -24,9 +24,17 @@ from helpers import (
     reference_loss,
     run_loss,
     tolerance,
+    torch_threads,
 )
 
 import fastkd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
+
 
 # The first vocabulary of the two-sweep path that ends one element past a loop block.
 _LOOP_BLOCKS = MAX_ON_CHIP_V // LOOP_BLOCK_V + 1
@@ -541,3 +549,19 @@ def test_module_matches_function(backend, config):
                           **{k: v for k, v in config.items() if k != "inplace_backward"})
     assert_close(from_module.loss, truth.loss, tolerance(torch.float32, "loss", _backend_name()),
                  what="module loss", scale_floor=1.0)
+
+
+@pytest.mark.parametrize("leading", [(0,), (2, 0)])
+def test_empty_batch(backend, leading):
+    # No rows at all: every reduction is 0 (not NaN), "none" is empty, gradients are empty.
+    for reduction in ("mean", "sum", "batchmean", "none"):
+        student = torch.randn(*leading, 10).to(backend).requires_grad_()
+        teacher = torch.randn(*leading, 10).to(backend).requires_grad_()
+        labels = torch.zeros(leading, dtype=torch.long).to(backend)
+        loss = fastkd.kd_loss(student, teacher, labels, reduction=reduction)
+        expected = fastkd.reference.kd_loss(student, teacher, labels, reduction=reduction)
+        torch.testing.assert_close(loss, expected, atol=0, rtol=0)
+        assert loss.shape == (leading if reduction == "none" else ())
+        assert not loss.isnan().any()
+        loss.sum().backward()
+        assert student.grad.shape == student.shape and teacher.grad.shape == teacher.shape
