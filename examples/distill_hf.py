@@ -30,8 +30,8 @@ import platform
 import sysconfig
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 import tokenizers
@@ -94,8 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass
-class Corpus:
+class Corpus(NamedTuple):
     train_texts: list[str]
     heldout_texts: list[str]
     train_files: list[str]
@@ -264,8 +263,10 @@ def main(argv=None) -> dict:
     eos_id = tok.token_to_id(EOS_TOKEN)
     train_x, train_y, train_m = make_windows(tok, corpus.train_texts, args.seq_len)
     held_x, held_y, held_m = make_windows(tok, corpus.heldout_texts, args.seq_len)
-    keep = args.heldout_windows or len(held_x)
-    held_x, held_y, held_m = held_x[:keep], held_y[:keep], held_m[:keep]
+    if 0 < args.heldout_windows < len(held_x):
+        # Evenly spaced, so that a cap still samples every held-out file, not just the first.
+        keep = torch.linspace(0, len(held_x) - 1, args.heldout_windows).round().long()
+        held_x, held_y, held_m = held_x[keep], held_y[keep], held_m[keep]
     data_seconds = time.perf_counter() - started
     print(f"corpus: {len(corpus.train_files)} train / {len(corpus.heldout_files)} held-out "
           f"stdlib files, {int(train_m.sum()):,} / {int(held_m.sum()):,} tokens, "
@@ -279,8 +280,10 @@ def main(argv=None) -> dict:
     eval_batch_size = 4 * args.batch_size
 
     def held_ppl(model, windows=None):
-        n = windows or len(held_x)
-        return perplexity(model, held_x[:n], held_y[:n], held_m[:n], eval_batch_size, device)
+        # A subset for the curves, evenly spaced like the cap above.
+        keep = torch.linspace(0, len(held_x) - 1, min(windows or len(held_x), len(held_x)))
+        keep = keep.round().long()
+        return perplexity(model, held_x[keep], held_y[keep], held_m[keep], eval_batch_size, device)
 
     # ---- teacher: labels only, longer than the students, so it knows more than they can learn.
     t0 = time.perf_counter()
