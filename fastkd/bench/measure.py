@@ -326,7 +326,7 @@ def _measure_into(record, case, fn, settings, references, tensors):
         # Errors come from the first full-size call, before an in-place provider (fastkd
         # inplace_backward, Liger's cross-entropy) overwrites the inputs on a later call.
         grad_head = student.grad[:rows].double() if backward else None
-        record.update(errors(float(loss), grad_head, ref))
+        record.update(errors(float(loss.detach()), grad_head, ref))
 
     if is_cuda:
         # Full-size warm-up: static-shape torch.compile compiles for exactly this shape.
