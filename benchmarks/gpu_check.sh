@@ -38,6 +38,8 @@ SITE=${FASTKD_CHECK_SITE:-/tmp/fastkd-gpu-check-site}
 # the installed package.
 WORK=$(mktemp -d /tmp/fastkd-gpu-check.XXXXXX)
 DRY_RUN=${FASTKD_CHECK_DRY_RUN:-0}
+# Line-by-line logs, so a run cut short by its timeout still shows how far it got.
+export PYTHONUNBUFFERED=1
 LOG="$OUTDIR/gpu_check.log"
 : >"$LOG"
 status=0
