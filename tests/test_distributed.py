@@ -25,6 +25,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastkd
 import fastkd.distributed as fkd_dist
@@ -195,6 +197,34 @@ def test_shard_steps_match_reference(name, backend):
         assert torch.isfinite(row_losses).all()
     if name == "out_of_range":
         assert row_losses.isnan().sum() == 1
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cuts=st.lists(st.integers(1, 95), min_size=0, max_size=5, unique=True),
+    temperature=st.sampled_from([0.5, 1.0, 3.0]),
+    alpha=st.sampled_from([0.0, 0.4, 1.0]),
+    seed=st.integers(0, 2**16),
+    mask_shard=st.booleans(),
+)
+def test_any_split_of_the_vocabulary_gives_the_same_loss(monkeypatch, cuts, temperature, alpha,
+                                                         seed, mask_shard):
+    """Wherever the vocabulary is cut (shards of one column included, one fully masked shard
+    per row optionally), the per-row losses and gradients are the unsplit ones."""
+    monkeypatch.setenv("FASTKD_BACKEND", "torch")
+    vocab = 96
+    edges = [0, *sorted(cuts), vocab]
+    sizes = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    case = dict(seed=seed, vocab=vocab, sizes=sizes, lead=(len(sizes) + 4,),
+                temperature=temperature, alpha=alpha, reduction="none")
+    if mask_shard and len(sizes) > 1:  # (one shard masked whole would mask the whole row)
+        case["masked"] = True
+    row_losses, grad_s, _ = simulate_shards(case, "cpu")
+    ref_loss, ref_grad_s, _ = reference_result(case, unit_upstream=True)
+    torch.testing.assert_close(row_losses.double(), ref_loss.view(-1), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(grad_s.double(), ref_grad_s.view(-1, vocab), rtol=1e-4,
+                               atol=1e-6)
 
 
 PRECISION_CASES = {
