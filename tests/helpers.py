@@ -53,9 +53,9 @@ class Tol:
 # zero, a full ulp each time, so rtol is two ulps relative: 2^-6 for bf16, 2^-9 for fp16.
 TOLERANCES: dict[torch.dtype, dict[str, Tol]] = {
     torch.float64: {"loss": Tol(atol=1e-10, rtol=1e-10), "grad": Tol(atol=1e-12, rtol=1e-9)},
-    torch.float32: {"loss": Tol(atol=2e-5, rtol=2e-5), "grad": Tol(atol=2e-6, rtol=1e-4)},
-    torch.float16: {"loss": Tol(atol=2e-5, rtol=2e-5), "grad": Tol(atol=2e-5, rtol=2.0**-9)},
-    torch.bfloat16: {"loss": Tol(atol=2e-5, rtol=2e-5), "grad": Tol(atol=1e-4, rtol=2.0**-6)},
+    torch.float32: {"loss": Tol(atol=1e-5, rtol=5e-6), "grad": Tol(atol=2e-6, rtol=1e-4)},
+    torch.float16: {"loss": Tol(atol=1e-5, rtol=5e-6), "grad": Tol(atol=2e-5, rtol=2.0**-9)},
+    torch.bfloat16: {"loss": Tol(atol=1e-5, rtol=5e-6), "grad": Tol(atol=1e-4, rtol=2.0**-6)},
 }
 
 _PRECISION_ORDER = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -119,8 +119,10 @@ def assert_close(actual, expected, tol: Tol, *, what: str, record: str | None = 
         return
     scale = max(expected.abs().max().item(), scale_floor)
     error = (actual - expected).abs()
-    if record is not None:
-        _record(record, error.max().item(), error.max().item() / scale if scale else 0.0)
+    if record is not None and scale > 1e3 * floor:
+        # Gradients that underflow the stored dtype are the floor's business, not a precision
+        # figure worth reporting.
+        _record(record, error.max().item(), error.max().item() / scale)
     bound = tol.atol * scale + tol.rtol * expected.abs() + floor
     worst = (error - bound).argmax()
     assert bool((error <= bound).all()), (
@@ -138,7 +140,11 @@ class Result:
 
 
 def _softmax_parts(logits: torch.Tensor, temperature: float):
-    """(probabilities, log-probabilities with -inf where the probability is 0) along the rows."""
+    """(probabilities, log-probabilities) along the rows.
+
+    A log-probability is -inf only at a -inf logit: far below the maximum it is large and
+    negative but finite, even where its probability underflows to 0.
+    """
     row_max = logits.amax(dim=-1, keepdim=True)
     # A fully masked row would give -inf - (-inf); any finite shift gives the same softmax.
     row_max = torch.where(torch.isinf(row_max) & (row_max < 0), 0.0, row_max)
@@ -146,7 +152,7 @@ def _softmax_parts(logits: torch.Tensor, temperature: float):
     exps = torch.exp(scaled)
     total = exps.sum(dim=-1, keepdim=True)
     probs = exps / total
-    log_probs = torch.where(exps > 0, scaled - torch.log(total), float("-inf"))
+    log_probs = torch.where(torch.isneginf(logits), float("-inf"), scaled - torch.log(total))
     return probs, log_probs
 
 

@@ -285,6 +285,26 @@ def test_shifted_logits(backend, vocab, shifts):
                    what=f"shifted {shifts}")
 
 
+@pytest.mark.parametrize("vocab", [ON_CHIP_V, LOOP_V])
+@pytest.mark.parametrize("which", ["student", "teacher", "both"])
+def test_step_of_1e4_inside_the_row(backend, vocab, which):
+    # The running maxima jump by 1e4 in a later block (mid-block, too): everything summed before
+    # the jump must be rescaled, not anchored to the first block's maxima.
+    student = make_logits((2, vocab), seed=103)
+    teacher = make_logits((2, vocab), seed=104)
+    steps = (2 * vocab // 3, LOOP_BLOCK_V + 100 if vocab > MAX_ON_CHIP_V else vocab // 2)
+    for row, step in enumerate(steps):
+        if which in ("student", "both"):
+            student[row, step:] += 1e4
+        if which in ("teacher", "both"):
+            teacher[row, step:] += 1e4
+    labels = torch.tensor([vocab - 1, 0])
+    for alpha in (0.0, 1.0):
+        check_case(backend, student, teacher, labels, temperature=2.0, alpha=alpha,
+                   reduction="none", teacher_grad=True, compare_reference=False,
+                   what=f"{which} step")
+
+
 def test_peaked_and_flat_rows(backend):
     # A near one-hot teacher (its softmax underflows to 0 on most entries without -inf) and a
     # constant row, where every probability is 1/V.
@@ -308,6 +328,8 @@ DTYPE_PAIRS = [
     (torch.float16, torch.float32),
     (torch.float32, torch.bfloat16),
     (torch.float32, torch.float32),
+    (torch.float32, torch.float64),
+    (torch.bfloat16, torch.float64),
     (torch.float64, torch.float64),
 ]
 
@@ -327,7 +349,8 @@ def test_dtype_combinations(backend, dtypes, vocab):
     labels = make_labels((3,), vocab, seed=11, ignore_rows=(1,))
     result = check_case(backend, student, teacher, labels, temperature=2.0, alpha=0.5,
                         teacher_grad=True, what="dtypes")
-    expected_dtype = torch.float64 if student_dtype == torch.float64 else torch.float32
+    # Like the reference: float64 as soon as either input is float64.
+    expected_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     assert result.loss.dtype == expected_dtype
 
 
@@ -460,15 +483,37 @@ def test_backward_twice_raises(backend):
     assert torch.equal(student.grad, first)
 
 
-def test_int32_labels(backend):
-    student = make_logits((2, 3, 500), seed=201)
-    teacher = make_logits((2, 3, 500), seed=202)
-    labels = make_labels((2, 3), 500, seed=19, ignore_rows=(2,), dtype=torch.int32)
-    result32 = check_case(backend, student, teacher, labels, temperature=2.0, what="int32 labels")
-    result64 = run_loss(fastkd_loss, student.to(backend), teacher.to(backend),
-                        labels.long().to(backend), grad_output=None, temperature=2.0)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_integer_labels(backend, dtype):
+    student = make_logits((2, 3, 200), seed=201)
+    teacher = make_logits((2, 3, 200), seed=202)
+    # uint8 cannot hold -100: its rows are ignored through ignore_index=255 instead.
+    ignore_index = 255 if dtype == torch.uint8 else -100
+    labels = make_labels((2, 3), 200, seed=19, ignore_rows=(2,), ignore_index=ignore_index,
+                         dtype=dtype)
+    narrow = check_case(backend, student, teacher, labels, temperature=2.0,
+                        ignore_index=ignore_index, what=f"{dtype} labels")
+    wide = run_loss(fastkd_loss, student.to(backend), teacher.to(backend),
+                    labels.long().to(backend), temperature=2.0, ignore_index=ignore_index)
     # check_case used a random grad_output: compare the loss, the gradient is checked above.
-    assert torch.equal(result32.loss, result64.loss)
+    assert torch.equal(narrow.loss, wide.loss)
+
+
+def test_grad_output_with_exact_ones_and_zeros(backend):
+    # The scale kernel leaves rows whose factor is exactly 1 untouched; rows with 0 must become
+    # 0, and the rows around them must still be scaled.
+    student = make_logits((6, 700), seed=203)
+    teacher = make_logits((6, 700), seed=204)
+    labels = make_labels((6,), 700, seed=22, ignore_rows=(5,))
+    grad_output = torch.tensor([1.0, 0.0, -1.0, 1.0, 2.5, 1.0])
+    actual = run_loss(fastkd_loss, student.to(backend), teacher.to(backend), labels.to(backend),
+                      grad_output=grad_output.to(backend), teacher_grad=True, temperature=2.0,
+                      reduction="none")
+    truth = float64_truth(student, teacher, labels, temperature=2.0, reduction="none",
+                          grad_output=grad_output)
+    check_against_truth(actual, truth, student_dtype=torch.float32, teacher_dtype=torch.float32,
+                        backend=_backend_name(), teacher_grad=True, what="grad_output 1/0")
+    assert torch.count_nonzero(actual.grad_student[1]) == 0
 
 
 # --- bad values inside tensors ---------------------------------------------------------------
