@@ -319,6 +319,26 @@ def test_peaked_and_flat_rows(backend):
                reduction="sum", what="peaked/flat")
 
 
+def test_torch_backend_chunk_boundaries(monkeypatch):
+    # The PyTorch backend works through rows in chunks that reuse buffers: shrink the chunks so
+    # ignored, masked and out-of-range rows fall on both sides of several boundaries.
+    monkeypatch.setenv("FASTKD_BACKEND", "torch")
+    vocab = 97
+    monkeypatch.setattr(fastkd._torch_backend, "CHUNK_ELEMENTS", 3 * vocab + 5)
+    student = make_logits((11, vocab), seed=241)
+    teacher = make_logits((11, vocab), seed=242)
+    teacher[2:5, :10] = float("-inf")
+    student[4, :10] = float("-inf")
+    labels = make_labels((11,), vocab, seed=23, ignore_rows=(2, 3, 9))
+    labels[4] = 50
+    for temperature in (1.0, 2.0):
+        for reduction in ("mean", "none"):
+            check_case("cpu", student, teacher, labels, temperature=temperature, alpha=0.3,
+                       reduction=reduction, teacher_grad=True, what="small chunks")
+            check_case("cpu", student, teacher, None, temperature=temperature,
+                       reduction=reduction, teacher_grad=True, what="small chunks, no labels")
+
+
 # --- dtypes and layouts ----------------------------------------------------------------------
 
 DTYPE_PAIRS = [
@@ -566,6 +586,26 @@ def test_nan_logits_propagate(backend, vocab, where):
         for reduction in ("mean", "sum"):
             assert fastkd.kd_loss(student, teacher, labels, temperature=2.0, alpha=alpha,
                                   reduction=reduction).isnan()
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_logits_reach_the_gradients(backend, where):
+    # As in the reference (autograd): a NaN logit makes its row's gradients NaN, for the student
+    # and for a teacher that requires grad, so AMP's inf/NaN check on gradients sees it. Rows
+    # next to it keep finite gradients; an ignored NaN row keeps its zeros.
+    student = make_logits((4, 300), seed=223)
+    teacher = make_logits((4, 300), seed=224)
+    (student if where == "student" else teacher)[1, 7] = float("nan")
+    (student if where == "student" else teacher)[3, 9] = float("nan")
+    labels = torch.tensor([1, 2, 3, -100])
+    result = run_loss(fastkd_loss, student.to(backend), teacher.to(backend), labels.to(backend),
+                      teacher_grad=True, temperature=2.0, alpha=0.5, reduction="none")
+    for name, grad in (("student", result.grad_student), ("teacher", result.grad_teacher)):
+        nan_rows = grad.cpu().isnan().all(dim=1)
+        finite_rows = grad.cpu().isfinite().all(dim=1)
+        assert nan_rows.tolist() == [False, True, False, False], f"{name} gradient NaN rows"
+        assert finite_rows.tolist() == [True, False, True, True], f"{name} gradient finite rows"
+        assert torch.count_nonzero(grad[3]) == 0, f"{name} gradient of the ignored row"
 
 
 # --- the module ------------------------------------------------------------------------------
