@@ -39,6 +39,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 GROUP_TIMEOUT_S = 120
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """The tensors here are tiny: one thread is as fast, and on a busy machine (or with 3
+    workers on 2 cores) PyTorch's spinning thread pool makes every op many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ---------------------------------------------------------------------------------------------
 # Test data, built identically in the pytest process and in every worker from a case's seed.
 
@@ -375,6 +385,7 @@ def run_ddp(rank: int, world_size: int, backend: str, recipe: str) -> dict:
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # the workers share the machine's cores
     try:
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
