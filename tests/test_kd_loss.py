@@ -453,6 +453,46 @@ def test_inplace_backward_on_a_view_that_reshape_copies(backend):
     assert torch.equal(leaf.grad, expected.grad_student)
 
 
+@pytest.mark.parametrize("vocab", [ON_CHIP_V, LOOP_V])
+def test_inplace_backward_into_a_slice(backend, vocab):
+    # The gradient goes into the slice's elements only: the rest of the row buffer is untouched.
+    big = make_logits((3, vocab + 13), seed=164).to(backend)
+    untouched = big[:, vocab:].clone()
+    teacher = make_logits((3, vocab), seed=165).to(backend)
+    labels = make_labels((3,), vocab, seed=24, ignore_rows=(1,)).to(backend)
+    expected = run_loss(fastkd_loss, big[:, :vocab].clone(), teacher, labels, teacher_grad=True,
+                        temperature=2.0)
+    leaf = big[:, :vocab].detach().requires_grad_()  # a view of big's storage
+    teacher_leaf = teacher.clone().requires_grad_()
+    loss = fastkd.kd_loss(leaf, teacher_leaf, labels, temperature=2.0, inplace_backward=True)
+    loss.backward()
+    assert torch.equal(leaf.grad, expected.grad_student)
+    assert torch.equal(teacher_leaf.grad, expected.grad_teacher)
+    assert torch.equal(big[:, :vocab], expected.grad_student)
+    assert torch.equal(big[:, vocab:], untouched)
+
+
+def test_inplace_backward_on_overlapping_logits(backend):
+    # One row of logits expanded over the batch (row stride 0): every row shares the same
+    # memory, which cannot hold a gradient per row. fastkd must compute out of place or refuse
+    # with a ValueError, never return a gradient scrambled by overlapping writes.
+    base = make_logits((1, 40), seed=166).to(backend)
+    teacher = make_logits((3, 40), seed=167).to(backend)
+    labels = make_labels((3,), 40, seed=25).to(backend)
+    reference_leaf = base.clone().requires_grad_()
+    fastkd.kd_loss(reference_leaf.expand(3, 40), teacher, labels, temperature=2.0).backward()
+    leaf = base.clone().requires_grad_()
+    try:
+        loss = fastkd.kd_loss(leaf.expand(3, 40), teacher, labels, temperature=2.0,
+                              inplace_backward=True)
+    except ValueError as error:
+        assert "inplace_backward" in str(error)
+        return
+    loss.backward()
+    assert_close(leaf.grad, reference_leaf.grad, tolerance(torch.float32, "grad", _backend_name()),
+                 what="gradient through expanded logits")
+
+
 def test_inplace_backward_in_a_graph_bumps_the_version(backend):
     # The logits are overwritten: an op that saved them for its backward must raise, not use the
     # gradient as if it were the logits.
