@@ -181,6 +181,15 @@ def test_bad_ignore_index(ignore_index):
             function(student, teacher, labels, ignore_index=ignore_index)
 
 
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1])
+def test_ignore_index_outside_int64(entry_point, ignore_index):
+    # Labels are at most int64: a larger ignore_index can match no label, and the custom op's
+    # schema cannot even carry it. Say so by name instead of an overflow deep inside.
+    student, teacher, labels = _inputs(4)
+    with pytest.raises(ValueError, match=r"ignore_index"):
+        entry_point(student, teacher, labels, ignore_index=ignore_index)
+
+
 @pytest.mark.parametrize("flag", [1, 0, "yes", None])
 def test_bad_inplace_backward(flag):
     student, teacher, labels = _inputs(4)
