@@ -190,16 +190,18 @@ def test_cuda_graph_capture_and_replay(triton_backend, reduction):
         previous_loss = static_loss.clone()
 
 
-def test_more_than_2_pow_31_elements(triton_backend):
-    # 16400 x 131072 = 2^31 + 2^21 elements: the last 16 rows start past 2^31, where 32-bit
-    # offsets would wrap to other rows or out of the tensor.
-    rows, vocab = 16400, 131072
+@pytest.mark.parametrize(("rows", "vocab"), [(16400, 131072), (131200, MAX_ON_CHIP_V)],
+                         ids=["two-sweep", "on-chip"])
+def test_more_than_2_pow_31_elements(triton_backend, rows, vocab):
+    # rows x vocab > 2^31: the rows from 2^31 // vocab on start past 2^31, where 32-bit offsets
+    # would wrap to other rows or out of the tensor. One case per kernel path.
     assert rows * vocab > 2**31
     needed = 3 * rows * vocab * 2 + (1 << 30)  # student, teacher, gradient in bf16, and slack
     free, _ = torch.cuda.mem_get_info()
     assert free > needed, f"needs {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
     first_past = 2**31 // vocab
     _check_large_batch(rows, vocab, [0, 1, first_past - 1, first_past, first_past + 1])
+    torch.cuda.empty_cache()
 
 
 def _check_large_batch(rows, vocab, checked_rows):
