@@ -7,13 +7,23 @@ written to <results>/<device-slug>/ as results.json, results.md and PNG plots, l
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastkd.bench import report
-from fastkd.bench.cases import SHAPE_SETS, default_shape_set, device_name, device_slug
+from fastkd.bench.cases import (
+    ALPHA,
+    IGNORED_FRACTION,
+    SHAPE_SETS,
+    TEMPERATURE,
+    default_shape_set,
+    device_name,
+    device_slug,
+)
+from fastkd.bench.cli import environment
 from fastkd.bench.measure import ReferenceStore, Settings
 from fastkd.bench.providers import PROVIDERS, compile_is_dynamic, default_providers
 
@@ -79,10 +89,13 @@ def pytest_sessionfinish(session, exitstatus):
         "shapes": session.config.getoption("--fastkd-shapes"),
         "providers": sorted({r["provider"] for r in state.records}),
         "compile_dynamic": compile_is_dynamic(state.device),
-        "temperature": 2.0, "alpha": 0.5, "ignored_fraction": 0.05,
+        "temperature": TEMPERATURE, "alpha": ALPHA, "ignored_fraction": IGNORED_FRACTION,
         "timing": "fastkd.bench.measure (pytest-benchmark keeps its own statistics)",
         "memory": "fastkd.bench.measure, one process per measurement on CPU",
-        "versions": {"torch": torch.__version__},
+        "versions": environment(state.device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": {"start": None, "end": round(os.getloadavg()[0], 2)},
         "runner": "pytest-benchmark suite (benchmarks/)",
     }
     import datetime

@@ -29,7 +29,12 @@ from .cases import (
     device_name,
     device_slug,
 )
-from .providers import PROVIDERS, compile_is_dynamic, default_providers
+from .providers import (
+    COMPILE_DYNAMIC_ENV,
+    PROVIDERS,
+    compile_is_dynamic,
+    default_providers,
+)
 
 
 def _version(dist: str) -> str:
@@ -85,6 +90,9 @@ def parse_args(argv):
                              "error); stops early after 2.5 s")
     parser.add_argument("--cpu-threads", type=int,
                         help="CPU: torch intra-op threads (default: torch's, one per core)")
+    parser.add_argument("--compile-dynamic", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile dynamic shapes (auto: off on CUDA, on on CPU); "
+                             "on compiles one graph per dtype and mode instead of one per case")
     parser.add_argument("--no-progress", action="store_true")
     static = parser.add_argument_group("static kernel report")
     static.add_argument("--static", action="store_true",
@@ -136,6 +144,8 @@ def run_benchmark(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is visible", file=sys.stderr)
         return 2
+    if args.compile_dynamic != "auto":
+        os.environ[COMPILE_DYNAMIC_ENV] = "1" if args.compile_dynamic == "on" else "0"
     shapes = args.shapes or default_shape_set(device)
     cases = [c for c in SHAPE_SETS[shapes] if c.mode in args.modes]
     providers = args.providers or default_providers(device)

@@ -8,6 +8,7 @@ benchmark and the tests always compare against the same code.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # torch.compile recompiles per shape, dtype and requires_grad; the default limit (8) would make
 # it fall back to eager in the middle of a sweep, silently. One slot per case is plenty.
 COMPILE_CACHE_LIMIT = 256
+COMPILE_DYNAMIC_ENV = "FASTKD_BENCH_COMPILE_DYNAMIC"
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,12 @@ def raise_compile_limits() -> None:
 
 def compile_is_dynamic(device: str) -> bool:
     """Static shapes on CUDA (the fastest kernels); dynamic on CPU, where each compile costs
-    10-20 s on 2 cores and one graph per dtype and mode keeps the sweep inside its budget."""
+    10-20 s on 2 cores and one graph per dtype and mode keeps the sweep inside its budget.
+    FASTKD_BENCH_COMPILE_DYNAMIC=1/0 overrides (set by `fastkd-bench --compile-dynamic`, and
+    inherited by the worker processes)."""
+    override = os.environ.get(COMPILE_DYNAMIC_ENV, "")
+    if override in ("0", "1"):
+        return override == "1"
     return device != "cuda"
 
 
