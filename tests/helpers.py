@@ -97,7 +97,7 @@ def _write_error_report() -> None:
 
 def assert_close(actual, expected, tol: Tol, *, what: str, record: str | None = None,
                  scale_floor: float = 0.0) -> None:
-    """Compare in float64 under `tol`; NaN must sit exactly where the expected NaNs are."""
+    """Compare in float64 under `tol`; NaN and +-inf must sit exactly where expected."""
     assert actual is not None, f"{what}: got None"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     # What the stored dtype cannot hold: two roundings of its subnormal spacing, and fp32
@@ -113,7 +113,9 @@ def assert_close(actual, expected, tol: Tol, *, what: str, record: str | None = 
         f"{what}: NaN at {nan_actual.nonzero().tolist()[:8]}, "
         f"expected at {nan_expected.nonzero().tolist()[:8]}"
     )
-    finite = ~nan_expected
+    infinite = expected.isinf()
+    assert torch.equal(actual[infinite], expected[infinite]), f"{what}: infinities differ"
+    finite = expected.isfinite()
     actual, expected = actual[finite], expected[finite]
     if expected.numel() == 0:
         return

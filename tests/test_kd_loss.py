@@ -251,6 +251,20 @@ def test_masked_vocabulary(backend, vocab, student_too):
         assert torch.count_nonzero(result.grad_student.cpu()[masked]) == 0
 
 
+@pytest.mark.parametrize("vocab", [ON_CHIP_V, LOOP_V])
+def test_label_on_a_masked_entry_is_an_infinite_loss(backend, vocab):
+    # -log p_s(y) with p_s(y) = 0: the loss is +inf (not NaN), the gradient stays finite.
+    student = make_logits((3, vocab), seed=93)
+    teacher = make_logits((3, vocab), seed=94)
+    labels = torch.tensor([5, vocab - 1, 7])
+    student[0, 5] = teacher[0, 5] = float("-inf")
+    student[1, vocab - 1] = teacher[1, vocab - 1] = float("-inf")
+    result = check_case(backend, student, teacher, labels, temperature=2.0, alpha=0.5,
+                        reduction="none", teacher_grad=True, what="label on -inf")
+    assert result.loss.cpu().isinf().tolist() == [True, True, False]
+    assert torch.isfinite(result.grad_student).all() and torch.isfinite(result.grad_teacher).all()
+
+
 @pytest.mark.parametrize("student_shift", [0.0, 1e4], ids=["unshifted", "student+1e4"])
 def test_masked_first_loop_block(backend, student_shift):
     # Sweep 1 starts with a block in which every entry is -inf: its running maxima stay -inf.
