@@ -587,7 +587,8 @@ def test_narrow_integer_labels(backend, dtype):
     wide = run_loss(fastkd_loss, student.to(backend), teacher.to(backend),
                     labels.long().to(backend), temperature=2.0, ignore_index=ignore_index)
     # check_case used a random grad_output: compare the loss, the gradient is checked above.
-    assert torch.equal(narrow.loss, wide.loss)
+    # (Not bit for bit: on a GPU each label dtype is its own compiled kernel.)
+    torch.testing.assert_close(narrow.loss, wide.loss, rtol=1e-6, atol=0)
 
 
 def test_grad_output_with_exact_ones_and_zeros(backend):
