@@ -30,6 +30,25 @@ def _row_weight(labels, args: KDArgs, device, dtype) -> torch.Tensor:
     return torch.ones((), dtype=dtype, device=device)
 
 
+def _can_hold_its_gradient(student_2d: torch.Tensor, student_logits: torch.Tensor) -> bool:
+    """Whether the gradient may be written over the logits (inplace_backward).
+
+    Only if the 2-D view shares the logits' storage (reshape did not copy) and no two elements
+    share memory (an expanded row, stride 0, cannot hold one gradient per row). Otherwise the
+    gradient goes to a buffer of its own, as without inplace_backward.
+    """
+    if student_2d.untyped_storage().data_ptr() != student_logits.untyped_storage().data_ptr():
+        return False
+    dims = sorted((stride, size) for stride, size in zip(student_2d.stride(), student_2d.shape,
+                                                          strict=True) if size > 1)
+    inner_extent = 1
+    for stride, size in dims:
+        if stride < inner_extent:
+            return False
+        inner_extent = stride * size
+    return True
+
+
 class _FusedKDLoss(torch.autograd.Function):
     """Loss and w * dloss/dlogits come from one forward launch; backward scales by grad_output.
 
@@ -51,11 +70,7 @@ class _FusedKDLoss(torch.autograd.Function):
             temperature=args.temperature, alpha=args.alpha, ignore_index=args.ignore_index,
             student_grad=student_grad, teacher_grad=teacher_grad,
         )
-        if inplace_backward and student_grad and (
-            # Only if the 2-D view shares the student's storage (reshape did not copy).
-            student_2d.untyped_storage().data_ptr()
-            == student_logits.untyped_storage().data_ptr()
-        ):
+        if inplace_backward and student_grad and _can_hold_its_gradient(student_2d, student_logits):
             # Eager only (kd_loss refuses it under torch.compile): a custom op cannot alias its
             # input, so this calls the launcher directly.
             row_losses, grad_student, grad_teacher = select_backend(

@@ -71,6 +71,56 @@ def _safe_max(m):
 
 
 @triton.jit
+def _row_stats_sweep(
+    s_row, student_col_stride, t_row, teacher_col_stride, V, k_t,
+    SHARE_T1: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One streaming sweep over a row (or a vocabulary shard of it): the online statistics.
+
+    Returns the raw maxima max_s, max_t (-inf while every logit seen is -inf), Z_a, Z_b, Z_1
+    relative to their safe versions, and W centred on them. Exponents are shifted by the safe
+    maxima and rescaling from a raw -inf gives exp2(-inf) = 0, never NaN. When a block raises the
+    maxima, W moves to the new centre exactly (see the comment at the top of this file).
+    """
+    cols = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+    max_s = tl.full((), neg_inf, tl.float32)
+    max_t = tl.full((), neg_inf, tl.float32)
+    z_a = tl.zeros((), tl.float32)
+    z_b = tl.zeros((), tl.float32)
+    z_1 = tl.zeros((), tl.float32)
+    w_sum = tl.zeros((), tl.float32)
+    m_s_prev = tl.zeros((), tl.float32)
+    m_t_prev = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+        t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+        max_s_new = tl.maximum(max_s, tl.max(s, axis=0))
+        max_t_new = tl.maximum(max_t, tl.max(t, axis=0))
+        m_s = _safe_max(max_s_new)
+        m_t = _safe_max(max_t_new)
+        rescale_t = tl.exp2((max_t - m_t) * k_t)
+        e_b = tl.exp2((t - m_t) * k_t)
+        z_a = z_a * tl.exp2((max_s - m_s) * k_t) + tl.sum(tl.exp2((s - m_s) * k_t), axis=0)
+        w_sum = (w_sum + z_b * ((m_t_prev - m_t) - (m_s_prev - m_s))) * rescale_t
+        w_sum += tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
+        z_b = z_b * rescale_t + tl.sum(e_b, axis=0)
+        if not SHARE_T1:
+            z_1 = z_1 * tl.exp2((max_s - m_s) * LOG2E) + tl.sum(
+                tl.exp2((s - m_s) * LOG2E), axis=0
+            )
+        m_s_prev = m_s
+        m_t_prev = m_t
+        max_s = max_s_new
+        max_t = max_t_new
+    if SHARE_T1:
+        z_1 = z_a
+    return max_s, max_t, z_a, z_b, z_1, w_sum
+
+
+@triton.jit
 def _kd_row_grads(
     s, t, p_st, p_tt, p_s1, cols, label, m_s, m_t, log2_za, log2_zb, kl, inv_t, coef_kl, coef_ce,
     TEACHER_GRAD: tl.constexpr,
@@ -143,46 +193,11 @@ def _kd_loss_fwd_kernel(
             w_sum = tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
         else:
             # Sweep 1: online max / sum-exp of the three softmaxes and of W, block by block.
-            # Running maxima stay raw (-inf until a finite logit is seen); exponents are shifted by
-            # their safe version, and rescaling from a raw -inf gives exp2(-inf) = 0, never NaN.
-            max_s = tl.full((), neg_inf, tl.float32)
-            max_t = tl.full((), neg_inf, tl.float32)
-            z_a = tl.zeros((), tl.float32)
-            z_b = tl.zeros((), tl.float32)
-            z_1 = tl.zeros((), tl.float32)
-            w_sum = tl.zeros((), tl.float32)
-            m_s_prev = tl.zeros((), tl.float32)
-            m_t_prev = tl.zeros((), tl.float32)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                mask = offs < V
-                s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf)
-                t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf)
-                s = s.to(tl.float32)
-                t = t.to(tl.float32)
-                max_s_new = tl.maximum(max_s, tl.max(s, axis=0))
-                max_t_new = tl.maximum(max_t, tl.max(t, axis=0))
-                m_s = _safe_max(max_s_new)
-                m_t = _safe_max(max_t_new)
-                rescale_t = tl.exp2((max_t - m_t) * k_t)
-                e_b = tl.exp2((t - m_t) * k_t)
-                z_a = z_a * tl.exp2((max_s - m_s) * k_t) + tl.sum(tl.exp2((s - m_s) * k_t), axis=0)
-                z_b_old = z_b
-                z_b = z_b * rescale_t + tl.sum(e_b, axis=0)
-                if not SHARE_T1:
-                    z_1 = z_1 * tl.exp2((max_s - m_s) * LOG2E) + tl.sum(
-                        tl.exp2((s - m_s) * LOG2E), axis=0
-                    )
-                w_sum = (w_sum + z_b_old * ((m_t_prev - m_t) - (m_s_prev - m_s))) * rescale_t
-                w_sum += tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
-                m_s_prev = m_s
-                m_t_prev = m_t
-                max_s = max_s_new
-                max_t = max_t_new
+            max_s, max_t, z_a, z_b, z_1, w_sum = _row_stats_sweep(
+                s_row, student_col_stride, t_row, teacher_col_stride, V, k_t, SHARE_T1, BLOCK_V,
+            )
             m_s = _safe_max(max_s)
             m_t = _safe_max(max_t)
-            if SHARE_T1:
-                z_1 = z_a
 
         log2_za = tl.log2(z_a)
         log2_zb = tl.log2(z_b)

@@ -67,7 +67,16 @@ from .._vocab_parallel_torch import (
     STAT_Z_A,
     STAT_Z_B,
 )
-from .kd_loss import LN2, LOG2E, LOOP_BLOCK_V, LOOP_NUM_WARPS, _kd_row_grads, _safe_max, scale_rows_
+from .kd_loss import (
+    LN2,
+    LOG2E,
+    LOOP_BLOCK_V,
+    LOOP_NUM_WARPS,
+    _kd_row_grads,
+    _row_stats_sweep,
+    _safe_max,
+    scale_rows_,
+)
 
 __all__ = ["shard_stats", "shard_loss_and_grad", "scale_rows_", "NUM_STATS"]
 
@@ -100,8 +109,6 @@ def _vp_stats_kernel(
     s_row = student_ptr + row * student_row_stride
     t_row = teacher_ptr + row * teacher_row_stride
     out = stats_ptr + row * stats_row_stride
-    cols = tl.arange(0, BLOCK_V)
-    neg_inf = float("-inf")
     k_t = (1.0 / temperature) * LOG2E
 
     if HAS_LABELS:
@@ -112,44 +119,10 @@ def _vp_stats_kernel(
         counted = tl.full((), 1, tl.int1)
 
     if counted:
-        # Online max / sum-exp as in kd_loss.py's first sweep: raw running maxima, exponents
-        # shifted by their safe versions, W centred on the running maxima and moved to the new
-        # centre whenever a block raises them (the same move as the cross-shard combination).
-        max_s = tl.full((), neg_inf, tl.float32)
-        max_t = tl.full((), neg_inf, tl.float32)
-        z_a = tl.zeros((), tl.float32)
-        z_b = tl.zeros((), tl.float32)
-        z_1 = tl.zeros((), tl.float32)
-        w_local = tl.zeros((), tl.float32)
-        m_s_prev = tl.zeros((), tl.float32)
-        m_t_prev = tl.zeros((), tl.float32)
-        for start in range(0, V_local, BLOCK_V):
-            offs = start + cols
-            mask = offs < V_local
-            s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-            t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-            max_s_new = tl.maximum(max_s, tl.max(s, axis=0))
-            max_t_new = tl.maximum(max_t, tl.max(t, axis=0))
-            m_s = _safe_max(max_s_new)
-            m_t = _safe_max(max_t_new)
-            rescale_t = tl.exp2((max_t - m_t) * k_t)
-            e_b = tl.exp2((t - m_t) * k_t)
-            z_a = z_a * tl.exp2((max_s - m_s) * k_t) + tl.sum(tl.exp2((s - m_s) * k_t), axis=0)
-            drift = (m_t_prev - m_t) - (m_s_prev - m_s)
-            w_local = (w_local + z_b * drift) * rescale_t + tl.sum(
-                tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0
-            )
-            z_b = z_b * rescale_t + tl.sum(e_b, axis=0)
-            if not SHARE_T1:
-                z_1 = z_1 * tl.exp2((max_s - m_s) * LOG2E) + tl.sum(
-                    tl.exp2((s - m_s) * LOG2E), axis=0
-                )
-            m_s_prev = m_s
-            m_t_prev = m_t
-            max_s = max_s_new
-            max_t = max_t_new
-        if SHARE_T1:
-            z_1 = z_a
+        # The same sweep as kd_loss.py's first one, over this shard only.
+        max_s, max_t, z_a, z_b, z_1, w_local = _row_stats_sweep(
+            s_row, student_col_stride, t_row, teacher_col_stride, V_local, k_t, SHARE_T1, BLOCK_V,
+        )
 
         label_logit = tl.zeros((), tl.float32)
         hit = tl.zeros((), tl.float32)
