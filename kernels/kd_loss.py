@@ -30,7 +30,7 @@ grad_output. The forward launch writes w * dloss/ds while the row is hot, so bac
 by grad_output, and skips even that when grad_output == 1 (decided on the device).
 
 Memory traffic per row of V elements (e = element size):
-    V <= MAX_ON_CHIP_V: one read of s and t, one write of the gradient: 3 V e  (the floor).
+    V <= MAX_ON_CHIP_V (8192): one read of s and t, one write of the gradient: 3 V e  (the floor).
     larger V: sweep 1 reads s and t (2 V e); sweep 2 reads them again in reverse block order, so its
     first blocks are the ones sweep 1 touched last and still sit in L2, and writes the gradient:
     between 3 V e (all L2 hits) and 5 V e (none).
@@ -46,10 +46,10 @@ import triton
 import triton.language as tl
 
 # Rows up to this many classes are held in registers: read once, no second sweep. Compiled for
-# sm_90a, 16384 classes over 16 warps (32 values per thread and operand) take 128 registers and
-# no spill stack; 32 warps, or anything wider, spill (see `fastkd-bench --static`).
-MAX_ON_CHIP_V = 16384
-MAX_ON_CHIP_V_TEACHER_GRAD = 8192
+# sm_90a, 8192 classes over 16 warps (16 values per thread and operand) take 84-111 registers and
+# no spill stack in every flag combination; 16384 classes spill (up to 384 bytes of stack) as soon
+# as the teacher also needs a gradient, and 32768 always (see `fastkd-bench --static`).
+MAX_ON_CHIP_V = 8192
 # Block of the two-sweep loop for longer rows: 4096 elements over 8 warps gives 16 elements per
 # thread per operand, 16-byte vector loads for bf16/fp32, and enough bytes in flight per SM.
 LOOP_BLOCK_V = 4096
@@ -291,15 +291,11 @@ def _scale_rows_kernel(
                      (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def forward_config(vocab_size: int, teacher_grad: bool = False) -> dict:
+def forward_config(vocab_size: int) -> dict:
     """Block size and warps the forward kernel uses for rows of `vocab_size` classes."""
-    # The teacher gradient keeps s and t alive next to the three exponentials: at 16384 classes
-    # that spills on sm_90a (536 bytes of stack), at 8192 it does not.
-    on_chip_limit = MAX_ON_CHIP_V_TEACHER_GRAD if teacher_grad else MAX_ON_CHIP_V
-    if vocab_size <= on_chip_limit:
+    if vocab_size <= MAX_ON_CHIP_V:
         block = max(triton.next_power_of_2(vocab_size), 128)
-        # 16 values per thread and operand up to 8192 classes, 32 at 16384; 16 warps at most,
-        # since 32 warps cap a thread at 64 registers and spill.
+        # 16 values per thread and operand: enough loads in flight per thread, no spills.
         num_warps = min(max(block // 512, 1), 16)
         return {"ON_CHIP": True, "BLOCK_V": block, "num_warps": num_warps}
     return {"ON_CHIP": False, "BLOCK_V": LOOP_BLOCK_V, "num_warps": LOOP_NUM_WARPS}
@@ -344,7 +340,7 @@ def kd_forward(
     gs = grad_s if grad_s is not None else row_losses.view(1, -1)
     gt = grad_t if grad_t is not None else row_losses.view(1, -1)
     lab = labels if labels is not None else row_losses
-    config = forward_config(vocab, teacher_grad)
+    config = forward_config(vocab)
     _kd_loss_fwd_kernel[(n_rows,)](
         student_logits, student_logits.stride(0), student_logits.stride(1),
         teacher_logits, teacher_logits.stride(0), teacher_logits.stride(1),
