@@ -214,6 +214,19 @@ def test_backend_variable_is_forgiving_about_case_and_blanks(monkeypatch, choice
     torch.testing.assert_close(fastkd.kd_loss(student, teacher, labels), expected)
 
 
+def test_auto_backend_runs_torch_on_cpu(monkeypatch):
+    # Unset and "auto" pick the PyTorch backend for CPU tensors, interpreter or not.
+    student, teacher, labels = _inputs(4)
+    monkeypatch.setenv("FASTKD_BACKEND", "torch")
+    expected = fastkd.kd_loss(student, teacher, labels, temperature=2.0, reduction="none")
+    monkeypatch.setenv("FASTKD_BACKEND", "auto")
+    assert fastkd.functional.select_backend(student.device) is fastkd._torch_backend
+    auto = fastkd.kd_loss(student, teacher, labels, temperature=2.0, reduction="none")
+    monkeypatch.delenv("FASTKD_BACKEND")
+    unset = fastkd.kd_loss(student, teacher, labels, temperature=2.0, reduction="none")
+    assert torch.equal(auto, expected) and torch.equal(unset, expected)
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("FASTKD_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
