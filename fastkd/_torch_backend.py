@@ -114,7 +114,9 @@ def kd_forward(
             # d(T^2 KL)/dt = T p_t^T (log p_t^T - log p_s^T - KL), 0 where p_t^T = 0.
             g_t = torch.sub(d_t, d_s).mul_(inv_t).sub_(kl).add_(log_z_ratio)
             g_t.mul_(e_b).div_(z_b).mul_(coef_kl)
-            g_t.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+            # Exactly where p_t^T = 0 the product is 0 (0 * log 0); a NaN logit elsewhere in the
+            # row must still show, as in autograd.
+            g_t.masked_fill_(e_b == 0, 0.0)
             if counted is not None:
                 g_t[~counted] = 0.0
             grad_t[start:stop] = g_t

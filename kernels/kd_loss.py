@@ -137,6 +137,63 @@ def _kd_row_grads(
 
 
 @triton.jit
+def _grad_sweep(
+    s_row, student_col_stride, t_row, teacher_col_stride,
+    gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V, label,
+    m_s, m_t, log2_za, log2_zb, log2_z1, kl, inv_t, coef_kl, coef_ce,
+    SHARE_T1: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Second sweep over a row (or shard): gradients from the final statistics, stored.
+
+    Last block first: those bytes were read most recently by the first sweep and are the
+    likeliest to still be in L2.
+    """
+    cols = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+    k_t = inv_t * LOG2E
+    num_blocks = tl.cdiv(V, BLOCK_V)
+    for k in range(0, num_blocks):
+        offs = (num_blocks - 1 - k) * BLOCK_V + cols
+        mask = offs < V
+        s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+        t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+        p_st = tl.exp2((s - m_s) * k_t - log2_za)
+        p_tt = tl.exp2((t - m_t) * k_t - log2_zb)
+        if SHARE_T1:
+            p_s1 = p_st
+        else:
+            p_s1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
+        grad_s, grad_t = _kd_row_grads(
+            s, t, p_st, p_tt, p_s1, offs, label, m_s, m_t, log2_za, log2_zb, kl,
+            inv_t, coef_kl, coef_ce, TEACHER_GRAD,
+        )
+        if STUDENT_GRAD:
+            tl.store(gs_row + offs * grad_s_col_stride, grad_s.to(gs_row.dtype.element_ty),
+                     mask=mask)
+        if TEACHER_GRAD:
+            tl.store(gt_row + offs * grad_t_col_stride, grad_t.to(gt_row.dtype.element_ty),
+                     mask=mask)
+
+
+@triton.jit
+def _store_zero_grads(
+    gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V,
+    STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """An ignored row's gradients: zeros, written without reading its logits."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        if STUDENT_GRAD:
+            tl.store(gs_row + offs * grad_s_col_stride,
+                     tl.zeros((BLOCK_V,), gs_row.dtype.element_ty), mask=mask)
+        if TEACHER_GRAD:
+            tl.store(gt_row + offs * grad_t_col_stride,
+                     tl.zeros((BLOCK_V,), gt_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _kd_loss_fwd_kernel(
     student_ptr, student_row_stride, student_col_stride,  # (N, V) logits, any dtype/strides
     teacher_ptr, teacher_row_stride, teacher_col_stride,  # (N, V) logits, any dtype/strides
@@ -229,45 +286,17 @@ def _kd_loss_fwd_kernel(
                     tl.store(gt_row + cols * grad_t_col_stride,
                              grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
             else:
-                # Sweep 2, last block first: those bytes were read most recently and are the
-                # likeliest to still be in L2.
-                num_blocks = tl.cdiv(V, BLOCK_V)
-                for k in range(0, num_blocks):
-                    offs = (num_blocks - 1 - k) * BLOCK_V + cols
-                    mask = offs < V
-                    s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf)
-                    t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf)
-                    s = s.to(tl.float32)
-                    t = t.to(tl.float32)
-                    p_st = tl.exp2((s - m_s) * k_t - log2_za)
-                    p_tt = tl.exp2((t - m_t) * k_t - log2_zb)
-                    if SHARE_T1:
-                        p_s1 = p_st
-                    else:
-                        p_s1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
-                    grad_s, grad_t = _kd_row_grads(
-                        s, t, p_st, p_tt, p_s1, offs, label, m_s, m_t, log2_za, log2_zb, kl,
-                        inv_t, coef_kl, coef_ce, TEACHER_GRAD,
-                    )
-                    if STUDENT_GRAD:
-                        tl.store(gs_row + offs * grad_s_col_stride,
-                                 grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
-                    if TEACHER_GRAD:
-                        tl.store(gt_row + offs * grad_t_col_stride,
-                                 grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
+                _grad_sweep(
+                    s_row, student_col_stride, t_row, teacher_col_stride,
+                    gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V, label,
+                    m_s, m_t, log2_za, log2_zb, log2_z1, kl, inv_t, coef_kl, coef_ce,
+                    SHARE_T1, STUDENT_GRAD, TEACHER_GRAD, BLOCK_V,
+                )
     else:
         # Ignored row: no loss, zero gradient, and its logits are never read.
         tl.store(loss_ptr + row, 0.0)
-        if STUDENT_GRAD or TEACHER_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                mask = offs < V
-                if STUDENT_GRAD:
-                    tl.store(gs_row + offs * grad_s_col_stride,
-                             tl.zeros((BLOCK_V,), grad_s_ptr.dtype.element_ty), mask=mask)
-                if TEACHER_GRAD:
-                    tl.store(gt_row + offs * grad_t_col_stride,
-                             tl.zeros((BLOCK_V,), grad_t_ptr.dtype.element_ty), mask=mask)
+        _store_zero_grads(gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V,
+                          STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
 
 
 @triton.jit

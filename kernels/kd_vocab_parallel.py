@@ -72,9 +72,10 @@ from .kd_loss import (
     LOG2E,
     LOOP_BLOCK_V,
     LOOP_NUM_WARPS,
-    _kd_row_grads,
+    _grad_sweep,
     _row_stats_sweep,
     _safe_max,
+    _store_zero_grads,
     scale_rows_,
 )
 
@@ -172,7 +173,6 @@ def _vp_loss_grad_kernel(
     t_row = teacher_ptr + row * teacher_row_stride
     gs_row = grad_s_ptr + row * grad_s_row_stride
     gt_row = grad_t_ptr + row * grad_t_row_stride
-    cols = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
     k_t = (1.0 / temperature) * LOG2E
     inv_t = 1.0 / temperature
@@ -225,40 +225,17 @@ def _vp_loss_grad_kernel(
             coef_kl = weight * alpha * temperature
             coef_ce = weight * (1.0 - alpha)
             local_label = label - vocab_start  # matches no column unless the shard holds it
-            for start in range(0, V_local, BLOCK_V):
-                offs = start + cols
-                mask = offs < V_local
-                s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-                t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-                p_st = tl.exp2((s - m_s) * k_t - log2_za)
-                p_tt = tl.exp2((t - m_t) * k_t - log2_zb)
-                if SHARE_T1:
-                    p_s1 = p_st
-                else:
-                    p_s1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
-                grad_s, grad_t = _kd_row_grads(
-                    s, t, p_st, p_tt, p_s1, offs, local_label, m_s, m_t, log2_za, log2_zb, kl,
-                    inv_t, coef_kl, coef_ce, TEACHER_GRAD,
-                )
-                if STUDENT_GRAD:
-                    tl.store(gs_row + offs * grad_s_col_stride,
-                             grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
-                if TEACHER_GRAD:
-                    tl.store(gt_row + offs * grad_t_col_stride,
-                             grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
+            _grad_sweep(
+                s_row, student_col_stride, t_row, teacher_col_stride,
+                gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V_local, local_label,
+                m_s, m_t, log2_za, log2_zb, log2_z1, kl, inv_t, coef_kl, coef_ce,
+                SHARE_T1, STUDENT_GRAD, TEACHER_GRAD, BLOCK_V,
+            )
     else:
         # Ignored row: no loss, zero gradient, and its logits are never read.
         tl.store(loss_ptr + row, 0.0)
-        if STUDENT_GRAD or TEACHER_GRAD:
-            for start in range(0, V_local, BLOCK_V):
-                offs = start + cols
-                mask = offs < V_local
-                if STUDENT_GRAD:
-                    tl.store(gs_row + offs * grad_s_col_stride,
-                             tl.zeros((BLOCK_V,), grad_s_ptr.dtype.element_ty), mask=mask)
-                if TEACHER_GRAD:
-                    tl.store(gt_row + offs * grad_t_col_stride,
-                             tl.zeros((BLOCK_V,), grad_t_ptr.dtype.element_ty), mask=mask)
+        _store_zero_grads(gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V_local,
+                          STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
 
 
 def sweep_config(vocab_local: int) -> dict:
