@@ -43,7 +43,13 @@ import torch.distributed as dist
 
 from . import _torch_backend, _vocab_parallel_torch
 from ._validation import check_inplace_flag, validate_kd_args
-from .functional import _row_weight, select_backend
+from .functional import (
+    _row_weight,
+    can_hold_its_gradient,
+    reduce_fused_rows,
+    scaled_saved_grads,
+    select_backend,
+)
 
 __all__ = ["global_token_count", "kd_loss"]
 
@@ -119,11 +125,8 @@ class _VocabParallelKDLoss(torch.autograd.Function):
         gathered = _all_gather_rows(stats, group)
         # Labels are the same on every rank, so the weight (1 / counted rows for "mean") is too.
         weight = _row_weight(labels_1d, args, student_shard.device, gathered.dtype)
-        # In place only if the 2-D view shares the student's storage (reshape did not copy).
-        inplace = inplace_backward and student_grad and (
-            student_2d.untyped_storage().data_ptr()
-            == student_shard.untyped_storage().data_ptr()
-        )
+        inplace = inplace_backward and student_grad and can_hold_its_gradient(student_2d,
+                                                                               student_shard)
         row_losses, grad_student, grad_teacher = backend.shard_loss_and_grad(
             gathered, student_2d, teacher_2d, labels_1d, weight, vocab_start=vocab_start,
             temperature=args.temperature, alpha=args.alpha, ignore_index=args.ignore_index,
@@ -141,30 +144,16 @@ class _VocabParallelKDLoss(torch.autograd.Function):
         # a second backward through the same graph raises instead of scaling twice.
         ctx.save_for_backward(grad_student, grad_teacher)
         ctx.backend = backend
-        ctx.shapes = (student_shard.shape, teacher_shard.shape)
-        if args.reduction == "none":
-            return row_losses.reshape(args.leading_shape)
-        total = row_losses.sum()
-        if args.reduction == "sum" and args.normalizer is None:
-            return total
-        return total * weight.to(total.dtype)
+        ctx.grads_wanted = (student_grad, teacher_grad)
+        ctx.logits_shapes = (student_shard.shape, teacher_shard.shape)
+        return reduce_fused_rows(row_losses, weight, args)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        try:
-            saved = ctx.saved_tensors
-        except RuntimeError as error:  # the version check: this backward already ran once
-            raise RuntimeError(
-                "fastkd.distributed.kd_loss computes its gradient once per forward, so its "
-                "backward can run only once; recompute the loss instead"
-            ) from error
-        results = []
-        for grad, shape in zip(saved, ctx.shapes, strict=True):
-            if grad is not None:
-                grad = ctx.backend.scale_rows_(grad, grad_output).view(shape)
-            results.append(grad)
-        return results[0], results[1], None, None, None, None, None, None, None, None
+        grad_student, grad_teacher = scaled_saved_grads(
+            ctx, grad_output, ctx.backend.scale_rows_, "fastkd.distributed.kd_loss")
+        return grad_student, grad_teacher, None, None, None, None, None, None, None, None
 
 
 def kd_loss(

@@ -30,7 +30,7 @@ def _row_weight(labels, args: KDArgs, device, dtype) -> torch.Tensor:
     return torch.ones((), dtype=dtype, device=device)
 
 
-def _can_hold_its_gradient(student_2d: torch.Tensor, student_logits: torch.Tensor) -> bool:
+def can_hold_its_gradient(student_2d: torch.Tensor, student_logits: torch.Tensor) -> bool:
     """Whether the gradient may be written over the logits (inplace_backward).
 
     Only if the 2-D view shares the logits' storage (reshape did not copy) and no two elements
@@ -47,6 +47,38 @@ def _can_hold_its_gradient(student_2d: torch.Tensor, student_logits: torch.Tenso
             return False
         inner_extent = stride * size
     return True
+
+
+def reduce_fused_rows(row_losses: torch.Tensor, weight: torch.Tensor, args: KDArgs):
+    """The loss value from per-row losses; `weight` is the one the kernel folded into the grads."""
+    if args.reduction == "none":
+        return row_losses.reshape(args.leading_shape)
+    total = row_losses.sum()
+    if args.reduction == "sum" and args.normalizer is None:
+        return total
+    return total * weight.to(total.dtype)
+
+
+def scaled_saved_grads(ctx, grad_output, scale_rows_, op_name: str):
+    """Backward of a fused loss: the saved w * dloss/dlogits, scaled in place by grad_output.
+
+    Expects ctx.grads_wanted and ctx.logits_shapes next to the two saved gradients.
+    """
+    try:
+        saved = ctx.saved_tensors
+    except RuntimeError as error:  # the version check: this backward already ran once
+        raise RuntimeError(
+            f"{op_name} computes its gradient once per forward, so its backward can run only "
+            "once; recompute the loss instead of backpropagating through it twice"
+        ) from error
+    results = []
+    for grad, wanted, shape in zip(saved, ctx.grads_wanted, ctx.logits_shapes, strict=True):
+        if wanted:
+            scale_rows_(grad, grad_output)
+            results.append(grad.view(shape))
+        else:
+            results.append(None)
+    return results
 
 
 class _FusedKDLoss(torch.autograd.Function):
@@ -70,7 +102,7 @@ class _FusedKDLoss(torch.autograd.Function):
             temperature=args.temperature, alpha=args.alpha, ignore_index=args.ignore_index,
             student_grad=student_grad, teacher_grad=teacher_grad,
         )
-        if inplace_backward and student_grad and _can_hold_its_gradient(student_2d, student_logits):
+        if inplace_backward and student_grad and can_hold_its_gradient(student_2d, student_logits):
             # Eager only (kd_loss refuses it under torch.compile): a custom op cannot alias its
             # input, so this calls the launcher directly.
             row_losses, grad_student, grad_teacher = select_backend(
@@ -87,34 +119,19 @@ class _FusedKDLoss(torch.autograd.Function):
             row_losses, grad_student, grad_teacher = _ops.kd_forward(
                 student_2d, teacher_2d, labels_1d, weight, **kernel_args
             )
+        # Saved (not stashed on ctx) so that backward's in-place scaling bumps their version and
+        # a second backward through the same graph raises instead of scaling twice.
         ctx.save_for_backward(grad_student, grad_teacher)
         ctx.grads_wanted = (student_grad, teacher_grad)
-        ctx.logits_shape = student_logits.shape
-        if args.reduction == "none":
-            return row_losses.reshape(args.leading_shape)
-        total = row_losses.sum()
-        if args.reduction == "sum" and args.normalizer is None:
-            return total
-        return total * weight.to(total.dtype)
+        ctx.logits_shapes = (student_logits.shape, teacher_logits.shape)
+        return reduce_fused_rows(row_losses, weight, args)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        try:
-            saved = ctx.saved_tensors
-        except RuntimeError as error:  # the version check: this backward already ran once
-            raise RuntimeError(
-                "fastkd.kd_loss computes its gradient once per forward, so its backward can run "
-                "only once; recompute the loss instead of backpropagating through it twice"
-            ) from error
-        results = []
-        for grad, wanted in zip(saved, ctx.grads_wanted, strict=True):
-            if wanted:
-                _ops.scale_rows_(grad, grad_output)
-                results.append(grad.view(ctx.logits_shape))
-            else:
-                results.append(None)
-        return results[0], results[1], None, None, None, None, None
+        grad_student, grad_teacher = scaled_saved_grads(ctx, grad_output, _ops.scale_rows_,
+                                                        "fastkd.kd_loss")
+        return grad_student, grad_teacher, None, None, None, None, None
 
 
 def kd_loss(
