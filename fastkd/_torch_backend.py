@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ._buffers import allocate_outputs, loss_dtype
+
 # About this many elements per chunk: five fp32 buffers of 256K elements (1 MiB each) fit the
 # L2 + L3 of a CPU core pair, and a chunk is still large enough to amortise per-op dispatch.
 CHUNK_ELEMENTS = 1 << 18
@@ -53,17 +55,11 @@ def kd_forward(
     """Same contract as fastkd.kernels.kd_loss.kd_forward, for any device PyTorch supports."""
     n_rows, vocab = student_logits.shape
     device = student_logits.device
-    compute_dtype = torch.float64 if torch.float64 in (
-        student_logits.dtype, teacher_logits.dtype
-    ) else torch.float32
-    row_losses = torch.empty(n_rows, dtype=compute_dtype, device=device)
-    grad_s = grad_t = None
-    if student_grad:
-        grad_s = grad_student_out
-        if grad_s is None:
-            grad_s = torch.empty((n_rows, vocab), dtype=student_logits.dtype, device=device)
-    if teacher_grad:
-        grad_t = torch.empty((n_rows, vocab), dtype=teacher_logits.dtype, device=device)
+    compute_dtype = loss_dtype(student_logits, teacher_logits)
+    row_losses, grad_s, grad_t = allocate_outputs(
+        student_logits, teacher_logits, student_grad=student_grad, teacher_grad=teacher_grad,
+        grad_student_out=grad_student_out,
+    )
     if n_rows == 0:
         return row_losses, grad_s, grad_t
 

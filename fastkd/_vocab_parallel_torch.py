@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ._buffers import allocate_outputs, loss_dtype
 from ._torch_backend import CHUNK_ELEMENTS, scale_rows_
 
 __all__ = ["NUM_STATS", "shard_stats", "combine_stats", "shard_loss_and_grad", "scale_rows_"]
@@ -26,10 +27,6 @@ STAT_W = 5  # sum exp((t - m_t) / T) * ((t - m_t) - (s - m_s))
 STAT_LABEL_LOGIT = 6  # s[label] if the label falls in this shard, else 0
 STAT_LABEL_HIT = 7  # 1 if the label falls in this shard, else 0
 NUM_STATS = 8
-
-
-def _compute_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _safe(m: torch.Tensor) -> torch.Tensor:
@@ -58,7 +55,7 @@ def shard_stats(
     Ignored rows get statistics too (they are never used), so this needs no row selection.
     """
     n_rows, vocab = student_shard.shape
-    dtype = _compute_dtype(student_shard, teacher_shard)
+    dtype = loss_dtype(student_shard, teacher_shard)
     stats = torch.zeros((n_rows, NUM_STATS), dtype=dtype, device=student_shard.device)
     T = temperature
     for rows in _row_chunks(n_rows, vocab):
@@ -143,7 +140,6 @@ def shard_loss_and_grad(
     grad_student_out, when given, receives the student gradient (it may be the student shard).
     """
     n_rows, vocab = student_shard.shape
-    device = student_shard.device
     dtype = gathered.dtype
     T = temperature
     m_s, m_t, log_z_a, log_z_b, log_z_1, kl, label_logit = combine_stats(gathered, T)
@@ -154,13 +150,10 @@ def shard_loss_and_grad(
         ce = (m_s - label_logit) + log_z_1
         row_losses = torch.where(counted, row_losses + (1.0 - alpha) * ce, 0.0)
 
-    grad_s = grad_t = None
-    if student_grad:
-        grad_s = grad_student_out
-        if grad_s is None:
-            grad_s = torch.empty((n_rows, vocab), dtype=student_shard.dtype, device=device)
-    if teacher_grad:
-        grad_t = torch.empty((n_rows, vocab), dtype=teacher_shard.dtype, device=device)
+    _, grad_s, grad_t = allocate_outputs(
+        student_shard, teacher_shard, student_grad=student_grad, teacher_grad=teacher_grad,
+        grad_student_out=grad_student_out,
+    )
     if not (student_grad or teacher_grad):
         return row_losses, grad_s, grad_t
 

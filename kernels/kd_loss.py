@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._buffers import allocate_outputs
+
 # Rows up to this many classes are held in registers: read once, no second sweep. Compiled for
 # sm_90a, 8192 classes over 16 warps (16 values per thread and operand) take 84-111 registers and
 # no spill stack in every flag combination; 16384 classes spill (up to 384 bytes of stack) as soon
@@ -350,19 +352,10 @@ def kd_forward(
     themselves, for inplace_backward). Arguments are assumed validated by fastkd._validation.
     """
     n_rows, vocab = student_logits.shape
-    device = student_logits.device
-    # Losses accumulate in fp32; float64 inputs (gradcheck) get a float64 output, as in the
-    # PyTorch backend, so both return the same dtype.
-    loss_dtype = torch.float64 if torch.float64 in (
-        student_logits.dtype, teacher_logits.dtype) else torch.float32
-    row_losses = torch.empty(n_rows, dtype=loss_dtype, device=device)
-    grad_s = grad_t = None
-    if student_grad:
-        grad_s = grad_student_out
-        if grad_s is None:
-            grad_s = torch.empty((n_rows, vocab), dtype=student_logits.dtype, device=device)
-    if teacher_grad:
-        grad_t = torch.empty((n_rows, vocab), dtype=teacher_logits.dtype, device=device)
+    row_losses, grad_s, grad_t = allocate_outputs(
+        student_logits, teacher_logits, student_grad=student_grad, teacher_grad=teacher_grad,
+        grad_student_out=grad_student_out,
+    )
     if n_rows == 0:
         return row_losses, grad_s, grad_t
     # Pointers that a constexpr flag leaves unused still need a tensor to point at.

@@ -56,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._buffers import allocate_outputs
 from .._vocab_parallel_torch import (
     NUM_STATS,
     STAT_LABEL_HIT,
@@ -302,18 +303,10 @@ def shard_loss_and_grad(
     each program reads a block before it writes the same block)."""
     world_size = gathered.shape[0]
     n_rows, vocab = student_shard.shape
-    device = student_shard.device
-    # Computed in fp32; float64 inputs get float64 losses, as from fastkd.kd_loss.
-    loss_dtype = torch.float64 if torch.float64 in (
-        student_shard.dtype, teacher_shard.dtype) else torch.float32
-    row_losses = torch.empty(n_rows, dtype=loss_dtype, device=device)
-    grad_s = grad_t = None
-    if student_grad:
-        grad_s = grad_student_out
-        if grad_s is None:
-            grad_s = torch.empty((n_rows, vocab), dtype=student_shard.dtype, device=device)
-    if teacher_grad:
-        grad_t = torch.empty((n_rows, vocab), dtype=teacher_shard.dtype, device=device)
+    row_losses, grad_s, grad_t = allocate_outputs(
+        student_shard, teacher_shard, student_grad=student_grad, teacher_grad=teacher_grad,
+        grad_student_out=grad_student_out,
+    )
     if n_rows == 0:
         return row_losses, grad_s, grad_t
     gathered = gathered.to(torch.float32)
