@@ -72,6 +72,9 @@ def check_loss_options(*, temperature, alpha, ignore_index, reduction, has_label
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    # Labels are at most int64, so a wider value could never match one (and no kernel can take it).
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return temperature, alpha
