@@ -1,8 +1,9 @@
 """pytest-benchmark suite over the same cases and providers as `fastkd-bench`.
 
 Options: --fastkd-shapes (default: gpu on CUDA, cpu otherwise), --fastkd-providers,
---fastkd-results (default: benchmarks/results). At the end of the session the measurements are
-written to <results>/<device-slug>/ as results.json, results.md and PNG plots, like the CLI does.
+--fastkd-results (default: ./results, as for fastkd-bench). At the end of the session the
+measurements are written to <results>/<device-slug>/ as results.json, results.md and PNG plots,
+like the CLI does.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def pytest_addoption(parser):
     group.addoption("--fastkd-providers", default=None,
                     help="comma-separated providers out of " + ",".join(sorted(PROVIDERS))
                     + " (default: all that apply to the device)")
-    group.addoption("--fastkd-results", type=Path, default=HERE / "results",
+    # ./results like fastkd-bench (git-ignored); benchmarks/results holds the committed runs.
+    group.addoption("--fastkd-results", type=Path, default=Path("results"),
                     help="results go to <this>/<device-slug>/")
 
 
