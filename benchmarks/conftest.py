@@ -29,7 +29,6 @@ from fastkd.bench.measure import ReferenceStore, Settings
 from fastkd.bench.providers import PROVIDERS, compile_is_dynamic, default_providers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HERE = Path(__file__).parent
 
 
 def pytest_addoption(parser):
