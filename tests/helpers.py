@@ -9,7 +9,6 @@ fused code cannot hide.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,21 +16,6 @@ from dataclasses import dataclass
 import torch
 
 import fastkd
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """Run with `count` intra-op threads, then restore the previous setting.
-
-    The test tensors are small: one thread is as fast, and on a busy two-core machine PyTorch's
-    thread pool, spinning for cores other processes hold, makes each op up to 50x slower.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)

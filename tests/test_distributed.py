@@ -39,16 +39,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 GROUP_TIMEOUT_S = 120
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """The tensors here are tiny: one thread is as fast, and on a busy machine (or with 3
-    workers on 2 cores) PyTorch's spinning thread pool makes every op many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------------------------------
 # Test data, built identically in the pytest process and in every worker from a case's seed.
 

@@ -22,17 +22,9 @@ from helpers import (
     reference_loss,
     run_loss,
     tolerance,
-    torch_threads,
 )
 
 import fastkd
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
-
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
 

@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import torch_threads
 
 import fastkd
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 class _FreshGraphPerBackward(torch.autograd.Function):

@@ -24,17 +24,9 @@ from helpers import (
     reference_loss,
     run_loss,
     tolerance,
-    torch_threads,
 )
 
 import fastkd
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
-
 
 # The first vocabulary of the two-sweep path that ends one element past a loop block.
 _LOOP_BLOCKS = MAX_ON_CHIP_V // LOOP_BLOCK_V + 1

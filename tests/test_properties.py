@@ -21,18 +21,11 @@ from helpers import (
     reference_loss,
     run_loss,
     tolerance,
-    torch_threads,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastkd
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 def _settings(max_examples):

@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TRITON_DEVICE, requires_cuda
-from helpers import torch_threads
 
 import fastkd
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
-
 
 V = 11
 
