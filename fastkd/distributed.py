@@ -44,9 +44,9 @@ import torch.distributed as dist
 from . import _torch_backend, _vocab_parallel_torch
 from ._validation import check_inplace_flag, validate_kd_args
 from .functional import (
-    _row_weight,
     can_hold_its_gradient,
     reduce_fused_rows,
+    row_weight,
     scaled_saved_grads,
     select_backend,
 )
@@ -124,7 +124,7 @@ class _VocabParallelKDLoss(torch.autograd.Function):
         )
         gathered = _all_gather_rows(stats, group)
         # Labels are the same on every rank, so the weight (1 / counted rows for "mean") is too.
-        weight = _row_weight(labels_1d, args, student_shard.device, gathered.dtype)
+        weight = row_weight(labels_1d, args, student_shard.device, gathered.dtype)
         inplace = inplace_backward and student_grad and can_hold_its_gradient(student_2d,
                                                                                student_shard)
         row_losses, grad_student, grad_teacher = backend.shard_loss_and_grad(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
+from ._buffers import loss_dtype
 from ._ops import select_backend
 from ._validation import KDArgs, check_inplace_flag, validate_kd_args
 from .reference import batchmean_divisor
@@ -12,7 +13,7 @@ from .reference import batchmean_divisor
 __all__ = ["kd_loss", "select_backend"]
 
 
-def _row_weight(labels, args: KDArgs, device, dtype) -> torch.Tensor:
+def row_weight(labels, args: KDArgs, device, dtype) -> torch.Tensor:
     """The reduction's weight of each counted row, as a 0-d device tensor (never read on host)."""
     if args.reduction == "mean":
         if labels is not None:
@@ -96,8 +97,8 @@ class _FusedKDLoss(torch.autograd.Function):
         student_2d = student_logits.reshape(-1, vocab)
         teacher_2d = teacher_logits.reshape(-1, vocab)
         labels_1d = labels.reshape(-1) if labels is not None else None
-        weight_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-        weight = _row_weight(labels_1d, args, student_logits.device, weight_dtype)
+        weight = row_weight(labels_1d, args, student_logits.device,
+                            loss_dtype(student_logits, teacher_logits))
         kernel_args = dict(
             temperature=args.temperature, alpha=args.alpha, ignore_index=args.ignore_index,
             student_grad=student_grad, teacher_grad=teacher_grad,
