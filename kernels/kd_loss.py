@@ -9,7 +9,8 @@ a the mixing weight alpha, y the label, w the reduction weight of the row):
     loss  = a * T^2 * KL + (1 - a) * CE
 
 Write m_s = max(s), m_t = max(t), Z_a = sum exp((s - m_s) / T), Z_b = sum exp((t - m_t) / T),
-Z_1 = sum exp(s - m_s). Then log p_s^T = (s - m_s) / T - log Z_a, log p_t^T = (t - m_t) / T - log Z_b and
+Z_1 = sum exp(s - m_s). Then log p_s^T = (s - m_s) / T - log Z_a,
+log p_t^T = (t - m_t) / T - log Z_b and
 
     KL = sum_v p_t^T(v) * ((t_v - m_t) - (s_v - m_s)) / T - log Z_b + log Z_a
 

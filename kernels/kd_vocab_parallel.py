@@ -8,8 +8,8 @@ Shard statistics (kernel 1, one program per row, one sweep over the shard). With
 raw maxima m_s^r = max s, m_t^r = max t (-inf if the shard is masked) and their safe versions
 ms^r, mt^r (0 instead of -inf):
 
-    Z_a^r = sum exp((s - ms^r) / T)        Z_1^r = sum exp(s - ms^r)      Z_b^r = sum exp((t - mt^r) / T)
-    W^r   = sum exp((t - mt^r) / T) * ((t - mt^r) - (s - ms^r))            (0 where the teacher is masked)
+    Z_a^r = sum exp((s - ms^r) / T)    Z_1^r = sum exp(s - ms^r)    Z_b^r = sum exp((t - mt^r) / T)
+    W^r   = sum exp((t - mt^r) / T) * ((t - mt^r) - (s - ms^r))    (0 where the teacher is masked)
     y^r   = s[label - v_r] and hit^r = 1 if the label falls in the shard, else 0 and 0
 
 Kernel 1 accumulates them block by block and, whenever a block raises the running maxima, moves
@@ -96,8 +96,8 @@ _NUM_STATS = tl.constexpr(NUM_STATS)
 
 @triton.jit
 def _vp_stats_kernel(
-    student_ptr, student_row_stride, student_col_stride,  # (N, V_local) student shard, any dtype/strides
-    teacher_ptr, teacher_row_stride, teacher_col_stride,  # (N, V_local) teacher shard, any dtype/strides
+    student_ptr, student_row_stride, student_col_stride,  # (N, V_local) student shard, any strides
+    teacher_ptr, teacher_row_stride, teacher_col_stride,  # (N, V_local) teacher shard, any strides
     labels_ptr, labels_stride,  # (N,) global class ids; unused without HAS_LABELS
     stats_ptr, stats_row_stride,  # (N, NUM_STATS) fp32 out, unit column stride
     V_local,  # columns in this shard, >= 1
@@ -151,14 +151,14 @@ def _vp_stats_kernel(
 
 @triton.jit
 def _vp_loss_grad_kernel(
-    stats_ptr, stats_rank_stride, stats_row_stride,  # (R, N, NUM_STATS) fp32 gathered stats, unit column stride
+    stats_ptr, stats_rank_stride, stats_row_stride,  # (R, N, NUM_STATS) fp32, unit col stride
     world_size,  # R, the number of shards
     student_ptr, student_row_stride, student_col_stride,  # (N, V_local) student shard
     teacher_ptr, teacher_row_stride, teacher_col_stride,  # (N, V_local) teacher shard
     labels_ptr, labels_stride,  # (N,) global class ids; unused without HAS_LABELS
     weight_ptr,  # () reduction weight w: 1, 1/batch or 1/(counted rows)
     loss_ptr,  # (N,) fp32 (fp64 for fp64 inputs) out: global per-row loss, 0 for ignored rows
-    grad_s_ptr, grad_s_row_stride, grad_s_col_stride,  # (N, V_local) out, student dtype; may alias s
+    grad_s_ptr, grad_s_row_stride, grad_s_col_stride,  # (N, V_local) out, student dtype; may be s
     grad_t_ptr, grad_t_row_stride, grad_t_col_stride,  # (N, V_local) out, teacher dtype
     V_local, vocab_start,
     temperature, alpha, ignore_index,
