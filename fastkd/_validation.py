@@ -83,6 +83,11 @@ def check_loss_options(*, temperature, alpha, ignore_index, reduction, has_label
 def check_inplace_flag(inplace_backward) -> None:
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if inplace_backward and torch.compiler.is_compiling():
+        raise ValueError(
+            "inplace_backward=True cannot be traced by torch.compile (the gradient would alias "
+            "the logits behind the compiler's back); use inplace_backward=False when compiling"
+        )
 
 
 def check_normalizer(normalizer, reduction: str, device: torch.device):

@@ -206,11 +206,6 @@ def kd_loss(
         normalizer=normalizer,
     )
     check_inplace_flag(inplace_backward)
-    if inplace_backward and torch.compiler.is_compiling():
-        raise ValueError(
-            "inplace_backward=True cannot be traced by torch.compile (the gradient would alias "
-            "the logits behind the compiler's back); use inplace_backward=False when compiling"
-        )
     if vocab_start_index is None:
         vocab_start_index = _shard_offset(args.vocab_size, student_logits.device, group)
     elif isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int):

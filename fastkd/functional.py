@@ -191,11 +191,6 @@ def kd_loss(
         normalizer=normalizer,
     )
     check_inplace_flag(inplace_backward)
-    if inplace_backward and torch.compiler.is_compiling():
-        raise ValueError(
-            "inplace_backward=True cannot be traced by torch.compile (the gradient would alias "
-            "the logits behind the compiler's back); use inplace_backward=False when compiling"
-        )
     grad_enabled = torch.is_grad_enabled()
     student_grad = grad_enabled and student_logits.requires_grad
     teacher_grad = grad_enabled and teacher_logits.requires_grad

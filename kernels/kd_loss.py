@@ -74,6 +74,18 @@ def _safe_max(m):
 
 
 @triton.jit
+def _row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS: tl.constexpr):
+    """(label as int64, whether the row counts); without labels every row counts."""
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row * labels_stride).to(tl.int64)
+        counted = label != ignore_index
+    else:
+        label = tl.full((), -1, tl.int64)
+        counted = tl.full((), 1, tl.int1)
+    return label, counted
+
+
+@triton.jit
 def _row_stats_sweep(
     s_row, student_col_stride, t_row, teacher_col_stride, V, k_t,
     SHARE_T1: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -224,12 +236,7 @@ def _kd_loss_fwd_kernel(
     k_t = (1.0 / temperature) * LOG2E
     inv_t = 1.0 / temperature
 
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row * labels_stride).to(tl.int64)
-        counted = label != ignore_index
-    else:
-        label = tl.full((), -1, tl.int64)
-        counted = tl.full((), 1, tl.int1)
+    label, counted = _row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if counted:
         weight = tl.load(weight_ptr).to(tl.float32)

@@ -74,6 +74,7 @@ from .kd_loss import (
     LOOP_BLOCK_V,
     LOOP_NUM_WARPS,
     _grad_sweep,
+    _row_label,
     _row_stats_sweep,
     _safe_max,
     _store_zero_grads,
@@ -113,12 +114,7 @@ def _vp_stats_kernel(
     out = stats_ptr + row * stats_row_stride
     k_t = (1.0 / temperature) * LOG2E
 
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row * labels_stride).to(tl.int64)
-        counted = label != ignore_index
-    else:
-        label = tl.full((), -1, tl.int64)
-        counted = tl.full((), 1, tl.int1)
+    label, counted = _row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if counted:
         # The same sweep as kd_loss.py's first one, over this shard only.
@@ -178,12 +174,7 @@ def _vp_loss_grad_kernel(
     k_t = (1.0 / temperature) * LOG2E
     inv_t = 1.0 / temperature
 
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row * labels_stride).to(tl.int64)
-        counted = label != ignore_index
-    else:
-        label = tl.full((), -1, tl.int64)
-        counted = tl.full((), 1, tl.int1)
+    label, counted = _row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if counted:
         ranks = tl.arange(0, WORLD_BLOCK)
