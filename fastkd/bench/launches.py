@@ -97,20 +97,20 @@ def triton_launches():
             cls.run = original
 
 
-def _walk(events, visit):
-    """visit(event) on every event outside the Triton launch ranges, outermost first; visit
-    returns whether to look at the event's callees."""
+def walk(events, visit):
+    """visit(event) on every profiler event outside the Triton launch ranges, outermost first;
+    visit returns whether to look at the event's callees."""
 
-    def walk(event):
+    def descend(event):
         if event.name.startswith(TRITON_RANGE_PREFIX):
             return  # the interpreter's staging of a launch's arguments
         if visit(event):
             for child in event.cpu_children:
-                walk(child)
+                descend(child)
 
     for event in events:
         if event.cpu_parent is None:
-            walk(event)
+            descend(event)
 
 
 def counted_aten_ops(events) -> list:
@@ -123,7 +123,7 @@ def counted_aten_ops(events) -> list:
             return False
         return True
 
-    _walk(events, visit)
+    walk(events, visit)
     return sorted(counted, key=lambda e: e.time_range.start)
 
 
@@ -137,7 +137,7 @@ def sync_ops(events) -> list:
             return False
         return True
 
-    _walk(events, visit)
+    walk(events, visit)
     return found
 
 
