@@ -116,7 +116,8 @@ def _vocab_parallel_rows(plan: DensePlan, student, teacher, labels, weight, grad
         grad_teacher = torch.empty_like(teacher, memory_format=torch.contiguous_format)
     if grad_student is not None or grad_teacher is not None:
         backend.shard_grads(state, a_sum, b_sum, student, teacher, labels, weight, options,
-                            vocab_start=plan.vocab_start, grad_student=grad_student, grad_teacher=grad_teacher)
+                            vocab_start=plan.vocab_start, grad_student=grad_student,
+                            grad_teacher=grad_teacher)
     return row_stats, grad_student, grad_teacher
 
 
