@@ -281,6 +281,35 @@ def row_statistics(state: RowState, sums, labels, options: LossOptions):
     return stats, a_sum, b_sum
 
 
+class GradientCoefficients(NamedTuple):
+    """Per-row factors of the stored gradient, each (N,) (see kernels/kd_loss.py):
+
+    w dloss/ds = div (a - q A) + p1 p_s - label onehot(y) - uniform,   w dloss/dt = div (b - p B)
+    """
+
+    div: torch.Tensor  # w alpha T
+    p1: torch.Tensor  # w ((1 - alpha) + 2 z lse); NaN for a label outside the vocabulary
+    label: torch.Tensor  # w (1 - alpha)(1 - eps)
+    uniform: torch.Tensor  # w (1 - alpha) eps / V
+
+
+def gradient_coefficients(state: RowState, labels, weight, options: LossOptions):
+    T, alpha, eps = options.temperature, options.alpha, options.label_smoothing
+    weight = weight.to(state.m_s.dtype)
+    lse = state.m_s + state.log_z_1
+    div = (weight * (alpha * T)).expand_as(lse)
+    p1 = weight * options.z_loss * 2.0 * lse
+    zero = torch.zeros_like(lse)
+    if labels is None:
+        return GradientCoefficients(div, p1, zero, zero)
+    coef_ce = weight * (1.0 - alpha)
+    # A label outside the global vocabulary (no shard holds it) makes the row's gradient NaN, as
+    # its loss.
+    p1 = p1 + torch.where(state.label_logit.isnan(), float("nan"), coef_ce)
+    return GradientCoefficients(div, p1, (coef_ce * (1.0 - eps)).expand_as(lse),
+                                coef_ce * eps / state.columns)
+
+
 def shard_grads(state: RowState, a_sum, b_sum, student, teacher, labels, weight,
                 options: LossOptions, *, vocab_start: int, grad_student=None,
                 grad_teacher=None) -> None:
@@ -291,11 +320,8 @@ def shard_grads(state: RowState, a_sum, b_sum, student, teacher, labels, weight,
     """
     n_rows, vocab = student.shape
     dtype = state.m_s.dtype
-    T, alpha, eps = options.temperature, options.alpha, options.label_smoothing
-    weight = weight.to(dtype)
-    coef_div = weight * (alpha * T)
+    coef = gradient_coefficients(state, labels, weight, options)
     counted = None if labels is None else labels.long() != options.ignore_index
-    lse = state.m_s + state.log_z_1
     for rows in _row_chunks(n_rows, vocab):
         s = student[rows].to(dtype)
         t = teacher[rows].to(dtype)
@@ -306,27 +332,17 @@ def shard_grads(state: RowState, a_sum, b_sum, student, teacher, labels, weight,
         if grad_student is not None:
             q = log_q.exp()
             if f_a_b is None:
-                g = coef_div * (q - log_p.exp())
+                g_div = q - log_p.exp()
             else:
-                g = coef_div * (f_a_b[1] - _where_nonzero(q, a_sum[rows, None]))
-            if labels is not None or options.z_loss > 0.0:
-                p_1 = (s - state.m_s[rows, None] - state.log_z_1[rows, None]).exp()
-                coef_p1 = weight * options.z_loss * 2.0 * lse[rows, None]
-                if labels is not None:
-                    coef_p1 = coef_p1 + weight * (1.0 - alpha)
-                g = g + coef_p1 * p_1
+                g_div = f_a_b[1] - _where_nonzero(q, a_sum[rows, None])
+            p_1 = (s - state.m_s[rows, None] - state.log_z_1[rows, None]).exp()
+            g = coef.div[rows, None] * g_div + coef.p1[rows, None] * p_1
             if labels is not None:
-                coef_ce = weight * (1.0 - alpha)
-                if eps > 0.0:
-                    g = g - coef_ce * eps / state.columns[rows, None]
+                g = g - coef.uniform[rows, None]
                 local = labels[rows].long() - vocab_start
                 hit = (local >= 0) & (local < vocab)
                 g.scatter_add_(1, torch.where(hit, local, 0)[:, None],
-                               (-(1.0 - eps) * coef_ce * hit.to(dtype))[:, None])
-                # A label outside the global vocabulary (no shard holds it) makes the row's
-                # gradient NaN, as its loss.
-                in_range = ~state.label_logit[rows].isnan()
-                g = torch.where(in_range[:, None], g, float("nan"))
+                               (-coef.label[rows] * hit.to(dtype))[:, None])
                 g = torch.where(counted[rows, None], g, 0.0)  # not 0 * g: g may hold NaN
             grad_student[rows] = g
         if grad_teacher is not None:
@@ -335,7 +351,7 @@ def shard_grads(state: RowState, a_sum, b_sum, student, teacher, labels, weight,
                 b = _where_nonzero(p, log_p - log_q + 1.0)
             else:
                 b = f_a_b[2]
-            g = coef_div * (b - _where_nonzero(p, b_sum[rows, None]))
+            g = coef.div[rows, None] * (b - _where_nonzero(p, b_sum[rows, None]))
             if counted is not None:
                 g = torch.where(counted[rows, None], g, 0.0)
             grad_teacher[rows] = g
