@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._spec import check_labels, check_loss_options
+
 __all__ = ["shift_labels"]
 
 
@@ -35,12 +37,10 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of class ids, got {labels.dtype}")
+    check_labels(labels, labels.shape, labels.device)
+    check_loss_options(ignore_index=ignore_index, has_labels=True)
     if labels.dim() < 1:
         raise ValueError("labels must have shape (..., sequence_length), got a 0-d tensor")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     limits = torch.iinfo(labels.dtype)
     if not limits.min <= ignore_index <= limits.max:
         raise ValueError(

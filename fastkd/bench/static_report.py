@@ -34,7 +34,9 @@ memory (spill_bytes) from the resource usage; from the SASS:
 
 Triton must not be in interpreter mode here (TRITON_INTERPRET=1 swaps the kernels for Python
 functions); `collect` re-runs itself in a clean subprocess when it is. Compiles are cached by
-Triton's own cache (TRITON_CACHE_DIR), so a second report only re-reads the cubins.
+Triton's own cache (TRITON_CACHE_DIR), the measurements of each cubin beside it
+(fastkd-static/, keyed by the kernel's hash, the analysis parameters and this module's source),
+so a second report neither compiles nor disassembles again.
 """
 
 from __future__ import annotations
@@ -87,11 +89,21 @@ class Case:
     grads: tuple[bool, bool] = (True, False)  # (student, teacher)
     temperature: float = 2.0
     divergence: str = "forward_kl"
+    label_smoothing: float = 0.0
     per_row_scale: bool = False  # scale_rows: grad_output with one value per row ("none")
 
     @property
     def temperature_is_one(self) -> bool:
         return self.temperature == 1.0
+
+    def options(self):
+        """The validated loss options of this case (ValueError: not a valid configuration)."""
+        from fastkd._spec import check_loss_options
+
+        return check_loss_options(
+            temperature=self.temperature, alpha=0.5 if self.has_labels else 1.0,
+            divergence=self.divergence, label_smoothing=self.label_smoothing,
+            has_labels=self.has_labels)
 
 
 @dataclass(frozen=True)
@@ -100,9 +112,11 @@ class Kernel:
 
     jit: str  # "module:attribute" of the JITFunction
     launch: Callable[[Case], None]  # calls the shipped launcher on stand-in tensors
-    axes: dict  # Case field -> values; the configurations are their product
+    axes: dict  # Case field -> values; the configurations are their valid combinations
     vocab_classes: dict  # row length class name -> stand-in row length
-    # The fast test's subset: the configurations that match any of these {axis: allowed values}.
+    # Subsets of the axes' product, each the configurations that match any of its rules
+    # ({axis: allowed values}): the full report's and the fast test's.
+    full: tuple = ({},)
     core: tuple = ()
     long_rows: Callable[[dict], bool] = lambda constexprs: True  # from the captured constexprs
     default: Callable[[str], bool] = lambda vocab_class: False  # auto's pick for LLM vocab
@@ -118,7 +132,8 @@ def _torch_dtype(name):
 
 
 def _stand_in_rows(case: Case):
-    """Student, teacher, labels and reduction weight as a training call passes them."""
+    """Student, teacher, labels, reduction weight and gradient buffers as a training call has
+    them."""
     import torch
 
     dtype = _torch_dtype(case.dtype)
@@ -126,43 +141,66 @@ def _stand_in_rows(case: Case):
     teacher = torch.empty(STAND_IN_ROWS, case.vocab, dtype=dtype)
     labels = torch.zeros(STAND_IN_ROWS, dtype=torch.int64) if case.has_labels else None
     weight = torch.ones((), dtype=torch.float32)
-    return student, teacher, labels, weight
-
-
-def _loss_options(case: Case) -> dict:
-    return {"temperature": case.temperature, "alpha": 0.5 if case.has_labels else 1.0,
-            "ignore_index": -100}
+    grad_student = torch.empty_like(student) if case.grads[0] else None
+    grad_teacher = torch.empty_like(teacher) if case.grads[1] else None
+    return student, teacher, labels, weight, grad_student, grad_teacher
 
 
 def _launch_kd_fwd(case: Case) -> None:
+    import torch
+
+    from fastkd._spec import NUM_ROW_STATS
     from fastkd.kernels import kd_loss
 
-    student, teacher, labels, weight = _stand_in_rows(case)
-    kd_loss.kd_forward(student, teacher, labels, weight, **_loss_options(case),
-                       student_grad=case.grads[0], teacher_grad=case.grads[1])
+    student, teacher, labels, weight, grad_student, grad_teacher = _stand_in_rows(case)
+    row_stats = torch.empty(STAND_IN_ROWS, NUM_ROW_STATS, dtype=torch.float32)
+    kd_loss.kd_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teacher,
+                    case.options())
 
 
 def _launch_vp_stats(case: Case) -> None:
     from fastkd.kernels import kd_vocab_parallel
 
-    student, teacher, labels, _ = _stand_in_rows(case)
-    options = _loss_options(case)
+    student, teacher, labels, *_ = _stand_in_rows(case)
     kd_vocab_parallel.shard_stats(student, teacher, labels, vocab_start=0,
-                                  temperature=options["temperature"],
-                                  ignore_index=options["ignore_index"])
+                                  options=case.options())
 
 
-def _launch_vp_loss_grad(case: Case) -> None:
+def _stand_in_row_state(options):
+    """The combined row state of STAND_IN_WORLD_SIZE shards (values do not matter here)."""
     import torch
 
+    from fastkd import _torch_backend
+
+    gathered = torch.zeros(STAND_IN_WORLD_SIZE, STAND_IN_ROWS, _torch_backend.NUM_STATS)
+    return _torch_backend.combine_stats(gathered, options)
+
+
+def _launch_vp_sums(case: Case) -> None:
     from fastkd.kernels import kd_vocab_parallel
 
-    student, teacher, labels, weight = _stand_in_rows(case)
-    gathered = torch.empty(STAND_IN_WORLD_SIZE, STAND_IN_ROWS, kd_vocab_parallel.NUM_STATS,
-                           dtype=torch.float32)
-    kd_vocab_parallel.shard_loss_and_grad(
-        gathered, student, teacher, labels, weight, vocab_start=0, **_loss_options(case),
-        student_grad=case.grads[0], teacher_grad=case.grads[1])
+    options = case.options()
+    student, teacher, labels, *_ = _stand_in_rows(case)
+    kd_vocab_parallel.shard_divergence_sums(_stand_in_row_state(options), student, teacher,
+                                            options, labels=labels)
+
+
+def _launch_vp_grads(case: Case) -> None:
+    import torch
+
+    from fastkd import _torch_backend
+    from fastkd._spec import ONLINE_DIVERGENCES
+    from fastkd.kernels import kd_vocab_parallel
+
+    options = case.options()
+    student, teacher, labels, weight, grad_student, grad_teacher = _stand_in_rows(case)
+    state = _stand_in_row_state(options)
+    sums = (None if options.divergence_id in ONLINE_DIVERGENCES
+            else torch.zeros(STAND_IN_ROWS, 3))
+    _, a_sum, b_sum = _torch_backend.row_statistics(state, sums, labels, options)
+    kd_vocab_parallel.shard_grads(state, a_sum, b_sum, student, teacher, labels, weight, options,
+                                  vocab_start=0, grad_student=grad_student,
+                                  grad_teacher=grad_teacher)
 
 
 def _launch_scale_rows(case: Case) -> None:
@@ -177,41 +215,83 @@ def _launch_scale_rows(case: Case) -> None:
 
 # ----- the table -----
 
-_FLAGS = {"has_labels": (True, False), "grads": GRADS, "temperature": (2.0, 1.0)}
-# The training call: labels, student gradient (T = 2 and T = 1 unless restricted further).
-_TRAINING = {"has_labels": (True,), "grads": ((True, False),)}
+_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+_SWEEP_DIVERGENCES = ("jsd", "tvd", "skew_kl", "skew_reverse_kl")  # need the sums sweep
+_FLAGS = {"has_labels": (True, False), "grads": GRADS, "temperature": (2.0, 1.0),
+          "divergence": _DIVERGENCES, "label_smoothing": (0.0, 0.1)}
+# The training call: labels, student gradient, forward KL, no smoothing (T = 2 and T = 1).
+_TRAINING = {"has_labels": (True,), "grads": ((True, False),), "divergence": ("forward_kl",),
+             "label_smoothing": (0.0,)}
+# The fast test's training calls: bf16 at T = 2 and T = 1, fp32 at T = 2.
+_CORE_TRAINING = ({**_TRAINING, "dtype": ("bf16",)},
+                  {**_TRAINING, "dtype": ("fp32",), "temperature": (2.0,)})
+# Every divergence's training call at T = 2 on the kernel that LLM vocabularies take.
+_EVERY_DIVERGENCE = {"dtype": ("bf16",), "has_labels": (True,), "grads": ((True, False),),
+                     "temperature": (2.0,), "label_smoothing": (0.0,)}
+# The full report: forward KL's whole flag matrix, every divergence's training call (T = 2 and
+# T = 1), and label smoothing on forward KL's training call at T = 2.
+_FULL = ({"divergence": ("forward_kl",), "label_smoothing": (0.0,)},
+         {"has_labels": (True,), "grads": ((True, False),), "label_smoothing": (0.0,)},
+         {"has_labels": (True,), "grads": ((True, False),), "divergence": ("forward_kl",),
+          "temperature": (2.0,)})
+
+
+
+def _without_grads(rule: dict) -> dict:
+    return {axis: values for axis, values in rule.items() if axis != "grads"}
+
 
 KERNELS: dict[str, Kernel] = {
     # The fused loss: on-chip classes (the whole row in registers: 4096 and 8192 blocks; smaller
-    # rows get smaller blocks with the same 16 values per thread) and the two-sweep loop that
-    # every LLM vocabulary takes.
+    # rows get smaller blocks with the same 16 values per thread) and the looping kernel that
+    # every LLM vocabulary takes (two sweeps, three for the divergences that need row sums).
     "kd_fwd": Kernel(
         jit="fastkd.kernels.kd_loss:_kd_loss_fwd_kernel",
         launch=_launch_kd_fwd,
         axes={"dtype": DTYPES, "vocab": ("on-chip 4096", "on-chip 8192", "LLM"), **_FLAGS},
         vocab_classes={"on-chip 4096": 4000, "on-chip 8192": 8000, "LLM": 32000},
-        # The training calls, and the bf16 flag matrix of the 8192 class at T = 2 (the
-        # register-hungriest class; register allocation is not monotonic in the flags).
-        core=(_TRAINING, {"dtype": ("bf16",), "vocab": ("on-chip 8192",), "temperature": (2.0,)}),
+        full=_FULL,
+        # The training calls, the bf16 flag matrix of the 8192 class at T = 2 with forward KL
+        # (the register-hungriest class; register allocation is not monotonic in the flags),
+        # and every divergence's training call on the 8192 class and the loop.
+        core=(*_CORE_TRAINING,
+              {"dtype": ("bf16",), "vocab": ("on-chip 8192",), "temperature": (2.0,),
+               "divergence": ("forward_kl",), "label_smoothing": (0.0,)},
+              {**_EVERY_DIVERGENCE, "vocab": ("on-chip 8192", "LLM")}),
         long_rows=lambda constexprs: not constexprs["ON_CHIP"],
         default=lambda vocab_class: vocab_class == "LLM",
     ),
-    # Vocab-parallel: statistics sweep over a shard, then (after the all-gather) the combination
-    # and the gradient sweep.
+    # Vocab-parallel: statistics sweep over a shard (kernel 1); after the all-gather, for the
+    # divergences that need them, the shard's row sums (kernel 2); then the shard's gradient
+    # (kernel 3).
     "vp_stats": Kernel(
         jit="fastkd.kernels.kd_vocab_parallel:_vp_stats_kernel",
         launch=_launch_vp_stats,
         axes={"dtype": DTYPES, "vocab": ("shard",), "has_labels": (True, False),
-              "grads": ((False, False),), "temperature": (2.0, 1.0)},
+              "grads": ((False, False),), "temperature": (2.0, 1.0),
+              "divergence": _DIVERGENCES, "label_smoothing": (0.0, 0.1)},
         vocab_classes={"shard": 32000},
-        core=({"has_labels": (True,)},),
+        full=tuple(_without_grads(rule) for rule in _FULL),
+        core=tuple(_without_grads(rule) for rule in _CORE_TRAINING),
     ),
-    "vp_loss_grad": Kernel(
-        jit="fastkd.kernels.kd_vocab_parallel:_vp_loss_grad_kernel",
-        launch=_launch_vp_loss_grad,
+    "vp_sums": Kernel(
+        jit="fastkd.kernels.kd_vocab_parallel:_vp_rows_kernel",
+        launch=_launch_vp_sums,
+        axes={"dtype": DTYPES, "vocab": ("shard",), "has_labels": (True, False),
+              "grads": ((False, False),), "temperature": (2.0, 1.0),
+              "divergence": _SWEEP_DIVERGENCES, "label_smoothing": (0.0,)},
+        vocab_classes={"shard": 32000},
+        full=({"has_labels": (True,)},),
+        core=({"dtype": ("bf16",), "has_labels": (True,), "temperature": (2.0,),
+               "divergence": ("jsd",)},),
+    ),
+    "vp_grads": Kernel(
+        jit="fastkd.kernels.kd_vocab_parallel:_vp_rows_kernel",
+        launch=_launch_vp_grads,
         axes={"dtype": DTYPES, "vocab": ("shard",), **_FLAGS},
         vocab_classes={"shard": 32000},
-        core=(_TRAINING,),
+        full=_FULL,
+        core=_CORE_TRAINING,
     ),
     # Backward: the saved gradient times grad_output (skipped on the device when it is 1).
     "scale_rows": Kernel(
@@ -236,16 +316,18 @@ class Config:
 
     @property
     def name(self) -> str:
-        case = self.case
+        case, axes = self.case, KERNELS[self.kernel].axes
         if self.kernel == "scale_rows":
             return f"scale_rows {case.dtype} {'per-row' if case.per_row_scale else 'scalar'}"
         parts = [self.kernel, case.dtype, self.vocab_class,
                  "labels" if case.has_labels else "no-labels"]
-        if KERNELS[self.kernel].axes.get("grads", ()) != ((False, False),):
+        if len(axes.get("grads", ())) > 1:
             parts.append(GRAD_NAMES[case.grads])
         parts.append("T=1" if case.temperature_is_one else f"T={case.temperature:g}")
-        if len(KERNELS[self.kernel].axes.get("divergence", ("forward_kl",))) > 1:
+        if len(axes.get("divergence", ())) > 1:
             parts.append(case.divergence)
+        if case.label_smoothing:
+            parts.append(f"smoothing={case.label_smoothing:g}")
         return " ".join(parts)
 
     def to_dict(self) -> dict:
@@ -276,12 +358,16 @@ def shipped_configs(archs=("sm_80", "sm_90a"), dtypes=DTYPES, scope: str = "full
             for point in _axis_points(entry.axes):
                 if point.get("dtype", "bf16") not in dtypes:
                     continue
-                if scope == "core" and not any(
-                        all(point[axis] in allowed for axis, allowed in rule.items())
-                        for rule in entry.core):
+                rules = entry.core if scope == "core" else entry.full
+                if not any(all(point[axis] in allowed for axis, allowed in rule.items())
+                           for rule in rules):
                     continue
                 vocab_class = point.pop("vocab")
                 case = Case(vocab=entry.vocab_classes[vocab_class], **point)
+                try:
+                    case.options()
+                except ValueError:  # e.g. label smoothing without labels: not a launch
+                    continue
                 configs.append(Config(name, arch, vocab_class, case))
     return configs
 
@@ -457,18 +543,16 @@ def ctas_per_sm(arch: str, registers: int, num_warps: int, shared_bytes: int) ->
     return min(by_regs, by_shared, by_warps, limits["ctas"])
 
 
-def _dump(tool: Path, cubin: bytes) -> tuple[str, str]:
+def _dump(tool: Path, cubin: bytes) -> str:
+    """cuobjdump's resource usage and SASS of a cubin, in one listing."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
         handle.write(cubin)
         cubin_path = handle.name
     try:
-        usage = subprocess.run([str(tool), "--dump-resource-usage", cubin_path],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([str(tool), "-sass", cubin_path],
+        return subprocess.run([str(tool), "--dump-resource-usage", "--dump-sass", cubin_path],
                               capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(cubin_path)
-    return usage, sass
 
 
 def compile_launch(kernel, args, kwargs, arch: str):
@@ -492,6 +576,41 @@ def compile_launch(kernel, args, kwargs, arch: str):
     return compiled, named_constexprs
 
 
+def _analysis_cache(compiled, *parameters) -> Path:
+    """Where the measurements of one cubin are kept: next to Triton's cache, keyed by the
+    compiled kernel's hash, the analysis parameters and this module's source."""
+    import hashlib
+
+    import triton
+
+    text = json.dumps([compiled.metadata.hash, *parameters]).encode()
+    key = hashlib.sha256(text + Path(__file__).read_bytes()).hexdigest()
+    return Path(triton.knobs.cache.dir) / "fastkd-static" / f"{key}.json"
+
+
+def _analyse(compiled, arch: str, num_warps: int, elements_per_thread: float,
+             long_rows: bool) -> dict:
+    tool = cuobjdump_path()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found in the triton wheel")
+    listing = _dump(tool, compiled.asm["cubin"])
+    resources = {k.lower(): int(v) for k, v in _RESOURCE_RE.findall(listing)}
+    instructions = parse_sass(listing)
+    ops = [ins.base for ins in instructions]
+    registers = resources.get("reg", 0)
+    shared = resources.get("shared", 0) + compiled.metadata.shared
+    return {
+        "registers": registers,
+        "spill_bytes": resources.get("stack", 0) + resources.get("local", 0),
+        "local_loads": ops.count("LDL"),
+        "local_stores": ops.count("STL"),
+        "shared_bytes": shared,
+        "ctas_per_sm": ctas_per_sm(arch, registers, num_warps, shared),
+        **per_element(instructions, elements_per_thread, long_rows),
+        "sass_instructions": len(instructions),
+    }
+
+
 def measure(config: Config) -> dict:
     """Compile one configuration and measure its cubin; never raises (errors are reported)."""
     entry = KERNELS[config.kernel]
@@ -500,7 +619,7 @@ def measure(config: Config) -> dict:
            "dtype": case.dtype, "vocab_class": config.vocab_class, "vocab": case.vocab,
            "has_labels": case.has_labels, "student_grad": case.grads[0],
            "teacher_grad": case.grads[1], "temperature_is_one": case.temperature_is_one,
-           "divergence": case.divergence}
+           "divergence": case.divergence, "label_smoothing": case.label_smoothing}
     try:
         kernel, args, kwargs = capture_launch(config)
         compiled, constexprs = compile_launch(kernel, args, kwargs, config.arch)
@@ -508,29 +627,23 @@ def measure(config: Config) -> dict:
         block = constexprs[entry.block]
         elements_per_thread = block / (32 * num_warps)
         long_rows = bool(entry.long_rows(constexprs))
-        tool = cuobjdump_path()
-        if tool is None:
-            raise RuntimeError("cuobjdump not found in the triton wheel")
-        usage, sass = _dump(tool, compiled.asm["cubin"])
-        resources = {k.lower(): int(v) for k, v in _RESOURCE_RE.findall(usage)}
-        instructions = parse_sass(sass)
-        ops = [ins.base for ins in instructions]
-        registers = resources.get("reg", 0)
-        shared = resources.get("shared", 0) + compiled.metadata.shared
+        parameters = (config.arch, num_warps, elements_per_thread, long_rows)
+        cache = _analysis_cache(compiled, *parameters)
+        if cache.exists():
+            analysis = json.loads(cache.read_text())
+        else:
+            analysis = _analyse(compiled, *parameters)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(analysis))
+            partial.replace(cache)
         row.update({
             "long_rows": long_rows,
             "default": bool(entry.default(config.vocab_class)),
             "num_warps": num_warps,
             "block": block,
             "elements_per_thread": elements_per_thread,
-            "registers": registers,
-            "spill_bytes": resources.get("stack", 0) + resources.get("local", 0),
-            "local_loads": ops.count("LDL"),
-            "local_stores": ops.count("STL"),
-            "shared_bytes": shared,
-            "ctas_per_sm": ctas_per_sm(config.arch, registers, num_warps, shared),
-            **per_element(instructions, elements_per_thread, long_rows),
-            "sass_instructions": len(instructions),
+            **analysis,
         })
     except Exception as exc:  # noqa: BLE001 - one bad configuration must not hide the others
         message = str(exc).splitlines()[0][:300] if str(exc) else ""
