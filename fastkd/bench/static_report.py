@@ -22,11 +22,12 @@ memory (spill_bytes) from the resource usage; from the SASS:
   bodies' instructions (NOPs excluded), MUFU.EX2, and LDG/STG bytes (from each instruction's
   width: .128 = 16 bytes, .64 = 8, .U16 = 2, plain = 4), summed over the element loops (both
   sweeps of a two-sweep kernel) and divided by the elements one thread handles per iteration,
-  BLOCK / (32 * num_warps). A long_rows kernel with no element loop (the vocab-parallel loss
-  without gradient reads only the gathered statistics) has zero per-element counts.
-- On-chip kernels (the whole row in registers): the whole kernel's counts (NOPs and the trap
-  excluded; this includes the per-row prologue and the ignored-row branch) divided by the
-  elements per thread, BLOCK / (32 * num_warps).
+  BLOCK / (32 * num_warps). A long_rows kernel without an element loop would have zero
+  per-element counts.
+- On-chip kernels (the whole row in registers): the same counts along the longest path from the
+  kernel's entry to an exit (the branch graph with loops cut at their back edge and calls not
+  followed: what a counted row executes, its per-row prologue and epilogue included, the
+  ignored-row branch not), divided by the elements per thread, BLOCK / (32 * num_warps).
 - ctas_per_sm: the smallest of the register limit (registers per thread rounded up to a
   256-register allocation per warp, warps per SM rounded down to a multiple of 4), the shared
   memory limit (static + dynamic shared memory plus the 1 KB the driver reserves per CTA,
@@ -53,6 +54,8 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from fastkd._spec import DIVERGENCES, ONLINE_DIVERGENCES
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 # Per-SM limits of the occupancy computation (CUDA occupancy calculator, compute capability 8.0
@@ -189,7 +192,6 @@ def _launch_vp_grads(case: Case) -> None:
     import torch
 
     from fastkd import _torch_backend
-    from fastkd._spec import ONLINE_DIVERGENCES
     from fastkd.kernels import kd_vocab_parallel
 
     options = case.options()
@@ -215,10 +217,11 @@ def _launch_scale_rows(case: Case) -> None:
 
 # ----- the table -----
 
-_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
-_SWEEP_DIVERGENCES = ("jsd", "tvd", "skew_kl", "skew_reverse_kl")  # need the sums sweep
+# The divergences that need the row sums sweep (kernel 2 of the vocab-parallel loss).
+_SWEEP_DIVERGENCES = tuple(name for i, name in enumerate(DIVERGENCES)
+                           if i not in ONLINE_DIVERGENCES)
 _FLAGS = {"has_labels": (True, False), "grads": GRADS, "temperature": (2.0, 1.0),
-          "divergence": _DIVERGENCES, "label_smoothing": (0.0, 0.1)}
+          "divergence": DIVERGENCES, "label_smoothing": (0.0, 0.1)}
 # The training call: labels, student gradient, forward KL, no smoothing (T = 2 and T = 1).
 _TRAINING = {"has_labels": (True,), "grads": ((True, False),), "divergence": ("forward_kl",),
              "label_smoothing": (0.0,)}
@@ -269,7 +272,7 @@ KERNELS: dict[str, Kernel] = {
         launch=_launch_vp_stats,
         axes={"dtype": DTYPES, "vocab": ("shard",), "has_labels": (True, False),
               "grads": ((False, False),), "temperature": (2.0, 1.0),
-              "divergence": _DIVERGENCES, "label_smoothing": (0.0, 0.1)},
+              "divergence": DIVERGENCES, "label_smoothing": (0.0, 0.1)},
         vocab_classes={"shard": 32000},
         full=tuple(_without_grads(rule) for rule in _FULL),
         core=tuple(_without_grads(rule) for rule in _CORE_TRAINING),
@@ -288,7 +291,9 @@ KERNELS: dict[str, Kernel] = {
     "vp_grads": Kernel(
         jit="fastkd.kernels.kd_vocab_parallel:_vp_rows_kernel",
         launch=_launch_vp_grads,
-        axes={"dtype": DTYPES, "vocab": ("shard",), **_FLAGS},
+        # Launched only when some gradient is wanted.
+        axes={"dtype": DTYPES, "vocab": ("shard",),
+              **{**_FLAGS, "grads": tuple(grads for grads in GRADS if any(grads))}},
         vocab_classes={"shard": 32000},
         full=_FULL,
         core=_CORE_TRAINING,
