@@ -30,35 +30,28 @@ BUDGETS = {
     "kd_fwd bf16 LLM labels s-grad T=2 forward_kl": Budget(55.938, 6.188, 64, 4),
     "kd_fwd bf16 LLM labels s-grad T=1 forward_kl": Budget(49.562, 4.125, 64, 4),
     "kd_fwd bf16 LLM labels s-grad T=2 reverse_kl": Budget(60.938, 5.188, 76, 3),
-    "kd_fwd bf16 LLM labels s-grad T=2 jsd": Budget(171.0, 11.188, 80, 3),
+    "kd_fwd bf16 LLM labels s-grad T=2 jsd": Budget(178.062, 11.188, 79, 3),
     "kd_fwd bf16 LLM labels s-grad T=2 tvd": Budget(84.562, 8.188, 80, 3),
-    "kd_fwd bf16 LLM labels s-grad T=2 skew_kl": Budget(181.438, 13.188, 94, 2),
-    "kd_fwd bf16 LLM labels s-grad T=2 skew_reverse_kl": Budget(177.312, 12.188, 79, 3),
+    "kd_fwd bf16 LLM labels s-grad T=2 skew_kl": Budget(186.562, 13.188, 80, 3),
+    "kd_fwd bf16 LLM labels s-grad T=2 skew_reverse_kl": Budget(187.375, 12.188, 80, 3),
     # On-chip rows.
     "kd_fwd bf16 on-chip 4096 labels s-grad T=2 forward_kl": Budget(56.875, 3.0, 96, 2),
     "kd_fwd bf16 on-chip 4096 labels s-grad T=1 forward_kl": Budget(48.0, 2.0, 64, 4),
     "kd_fwd bf16 on-chip 8192 labels s-grad T=2 forward_kl": Budget(58.25, 3.0, 95, 1),
     "kd_fwd bf16 on-chip 8192 labels s-grad T=1 forward_kl": Budget(49.0, 2.0, 64, 2),
     "kd_fwd bf16 on-chip 8192 labels s-grad T=2 reverse_kl": Budget(64.438, 3.0, 118, 1),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 jsd": Budget(121.875, 5.0, 128, 1),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 jsd": Budget(125.75, 5.0, 128, 1),
     "kd_fwd bf16 on-chip 8192 labels s-grad T=2 tvd": Budget(62.5, 3.0, 83, 1),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_kl": Budget(122.438, 6.0, 128, 1),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_reverse_kl": Budget(123.188, 6.0, 110, 1),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_kl": Budget(126.0, 6.0, 128, 1),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_reverse_kl": Budget(130.438, 6.0, 101, 1),
     # Vocab-parallel shards: statistics, row sums (JSD, TVD, skew), gradient.
     "vp_stats bf16 shard labels T=2 forward_kl": Budget(31.875, 3.188, 64, 4),
     "vp_stats bf16 shard labels T=1 forward_kl": Budget(27.5, 2.125, 60, 4),
-    "vp_sums bf16 shard labels T=2 jsd": Budget(72.438, 4.0, 59, 4),
+    "vp_sums bf16 shard labels T=2 jsd": Budget(76.688, 4.0, 60, 4),
     "vp_grads bf16 shard labels s-grad T=2 forward_kl": Budget(23.0, 3.0, 36, 6),
     "vp_grads bf16 shard labels s-grad T=1 forward_kl": Budget(21.0, 2.0, 38, 6),
     # Backward's scale by grad_output.
     "scale_rows bf16 scalar": Budget(3.938, 0.0, 31, 16),
-}
-
-# Configurations that spill on sm_90a, with their stack + local bytes as upper bounds; every
-# other core configuration must not spill at all. Remove an entry when its kernel stops spilling.
-KNOWN_SPILLS = {
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_kl": 8,
-    "kd_fwd bf16 LLM labels s-grad T=2 jsd": 8,
 }
 
 REQUIRED_FIELDS = {
@@ -113,12 +106,9 @@ def test_no_register_spills_on_sm90a(sm90_rows):
     spilling = [
         f"{r['config']}: {r['registers']} registers, {r['spill_bytes']} B stack/local, "
         f"{r['local_loads']} LDL / {r['local_stores']} STL"
-        for r in sm90_rows
-        if (r["spill_bytes"] > KNOWN_SPILLS.get(r["config"], 0)
-            or (r["config"] not in KNOWN_SPILLS and (r["local_loads"] or r["local_stores"])))
+        for r in sm90_rows if r["spill_bytes"] or r["local_loads"] or r["local_stores"]
     ]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
-    assert set(KNOWN_SPILLS) <= set(_by_name(sm90_rows))
 
 
 def test_per_element_counts_follow_the_launch(sm90_rows):
