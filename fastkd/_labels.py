@@ -13,9 +13,9 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     """Labels for next-token prediction on full-length logits: position i gets label i + 1.
 
     A causal LM's logits at position i predict token i + 1. Instead of slicing the logits
-    (``logits[:, :-1]`` and ``labels[:, 1:]``, which copies both logits into new N x V buffers
-    before the loss runs and makes autograd zero-fill a full-size gradient), keep the logits
-    whole and shift the labels; the last position, which predicts nothing, gets ignore_index::
+    (``logits[:, :-1]`` and ``labels[:, 1:]``, whose backward makes autograd allocate a
+    zero-filled full-size gradient and copy the sliced one into it), keep the logits whole and
+    shift the labels; the last position, which predicts nothing, gets ignore_index::
 
         shifted = torch.full_like(labels, ignore_index)
         shifted[..., :-1] = labels[..., 1:]

@@ -27,31 +27,47 @@ class Budget(NamedTuple):
 # cheaper.
 BUDGETS = {
     # The fused loss on LLM vocabularies (what auto selects): the looping kernel.
-    "kd_fwd bf16 LLM labels s-grad T=2 forward_kl": Budget(55.938, 6.188, 64, 4),
-    "kd_fwd bf16 LLM labels s-grad T=1 forward_kl": Budget(49.562, 4.125, 64, 4),
-    "kd_fwd bf16 LLM labels s-grad T=2 reverse_kl": Budget(60.938, 5.188, 76, 3),
-    "kd_fwd bf16 LLM labels s-grad T=2 jsd": Budget(178.062, 11.188, 79, 3),
-    "kd_fwd bf16 LLM labels s-grad T=2 tvd": Budget(84.562, 8.188, 80, 3),
-    "kd_fwd bf16 LLM labels s-grad T=2 skew_kl": Budget(186.562, 13.188, 80, 3),
-    "kd_fwd bf16 LLM labels s-grad T=2 skew_reverse_kl": Budget(187.375, 12.188, 80, 3),
+    "kd_fwd bf16 LLM labels s-grad T=2 forward_kl": Budget(43.562, 4.25, 79, 3),
+    "kd_fwd bf16 LLM labels s-grad T=1 forward_kl": Budget(39.938, 4.25, 80, 3),
+    "kd_fwd bf16 LLM labels s-grad T=2 reverse_kl": Budget(48.625, 3.25, 80, 3),
+    "kd_fwd bf16 LLM labels s-grad T=2 jsd": Budget(166.688, 9.25, 80, 3),
+    "kd_fwd bf16 LLM labels s-grad T=2 tvd": Budget(70.812, 6.25, 57, 4),
+    "kd_fwd bf16 LLM labels s-grad T=2 skew_kl": Budget(172.188, 11.25, 98, 2),
+    "kd_fwd bf16 LLM labels s-grad T=2 skew_reverse_kl": Budget(173.688, 10.25, 64, 4),
     # On-chip rows.
-    "kd_fwd bf16 on-chip 4096 labels s-grad T=2 forward_kl": Budget(56.875, 3.0, 96, 2),
-    "kd_fwd bf16 on-chip 4096 labels s-grad T=1 forward_kl": Budget(48.0, 2.0, 64, 4),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 forward_kl": Budget(58.25, 3.0, 95, 1),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=1 forward_kl": Budget(49.0, 2.0, 64, 2),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 reverse_kl": Budget(64.438, 3.0, 118, 1),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 jsd": Budget(125.75, 5.0, 128, 1),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 tvd": Budget(62.5, 3.0, 83, 1),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_kl": Budget(126.0, 6.0, 128, 1),
-    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_reverse_kl": Budget(130.438, 6.0, 101, 1),
+    "kd_fwd bf16 on-chip 4096 labels s-grad T=2 forward_kl": Budget(57.625, 2.0, 80, 3),
+    "kd_fwd bf16 on-chip 4096 labels s-grad T=1 forward_kl": Budget(49.875, 2.0, 77, 3),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 forward_kl": Budget(59.062, 2.0, 86, 1),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=1 forward_kl": Budget(50.688, 2.0, 85, 1),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 reverse_kl": Budget(64.75, 2.0, 97, 1),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 jsd": Budget(127.25, 4.0, 128, 1),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 tvd": Budget(63.188, 2.0, 89, 1),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_kl": Budget(127.5, 5.0, 128, 1),
+    "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_reverse_kl": Budget(131.188, 5.0, 93, 1),
     # Vocab-parallel shards: statistics, row sums (JSD, TVD, skew), gradient.
-    "vp_stats bf16 shard labels T=2 forward_kl": Budget(31.875, 3.188, 64, 4),
-    "vp_stats bf16 shard labels T=1 forward_kl": Budget(27.5, 2.125, 60, 4),
+    "vp_stats bf16 shard labels T=2 forward_kl": Budget(23.0, 2.25, 75, 3),
+    "vp_stats bf16 shard labels T=1 forward_kl": Budget(21.375, 2.25, 63, 4),
     "vp_sums bf16 shard labels T=2 jsd": Budget(76.688, 4.0, 60, 4),
-    "vp_grads bf16 shard labels s-grad T=2 forward_kl": Budget(23.0, 3.0, 36, 6),
-    "vp_grads bf16 shard labels s-grad T=1 forward_kl": Budget(21.0, 2.0, 38, 6),
+    "vp_grads bf16 shard labels s-grad T=2 forward_kl": Budget(20.438, 2.0, 32, 8),
+    "vp_grads bf16 shard labels s-grad T=1 forward_kl": Budget(18.438, 2.0, 38, 6),
     # Backward's scale by grad_output.
     "scale_rows bf16 scalar": Budget(3.938, 0.0, 31, 16),
+}
+
+# Targets (same fields; None: none set). A target not met yet is a strict xfail, which fails as
+# soon as the kernel meets it: then drop the mark and lower BUDGETS.
+TARGETS = [
+    pytest.param("kd_fwd bf16 LLM labels s-grad T=2 forward_kl", Budget(40.0, 4.25, None, None),
+                 marks=pytest.mark.xfail(strict=True, reason="43.6 instructions per element")),
+    pytest.param("kd_fwd bf16 on-chip 8192 labels s-grad T=2 forward_kl",
+                 Budget(None, None, 64, 2),
+                 marks=pytest.mark.xfail(strict=True, reason="86 registers: 1 CTA per SM")),
+]
+
+# Configurations that spill on sm_90a, with their stack + local bytes as upper bounds; every
+# other core configuration must not spill at all. Remove an entry when its kernel stops spilling.
+KNOWN_SPILLS = {
+    "kd_fwd bf16 LLM labels s-grad T=2 reverse_kl": 8,
 }
 
 REQUIRED_FIELDS = {
@@ -92,23 +108,41 @@ def test_budget_paths_are_all_compiled(sm90_rows):
     assert set(BUDGETS) <= set(_by_name(sm90_rows)), set(BUDGETS) - set(_by_name(sm90_rows))
 
 
+def _measured(row) -> Budget:
+    return Budget(row["instructions_per_element"], row["ex2_per_element"], row["registers"],
+                  row["ctas_per_sm"])
+
+
+def _exceeded(row, budget: Budget) -> list[str]:
+    return [name for name, limit, value in zip(Budget._fields, budget, _measured(row), strict=True)
+            if limit is not None
+            and (value < limit if name == "ctas_per_sm" else value > limit + 1e-9)]
+
+
 @pytest.mark.parametrize("config", sorted(BUDGETS))
 def test_budget(sm90_rows, config):
-    row, budget = _by_name(sm90_rows)[config], BUDGETS[config]
-    measured = Budget(row["instructions_per_element"], row["ex2_per_element"], row["registers"],
-                      row["ctas_per_sm"])
-    over = [name for name, limit, value in zip(Budget._fields, budget, measured, strict=True)
-            if (value < limit if name == "ctas_per_sm" else value > limit + 1e-9)]
-    assert not over, f"{config}: {measured} exceeds its budget {budget} in {over}"
+    row = _by_name(sm90_rows)[config]
+    over = _exceeded(row, BUDGETS[config])
+    assert not over, f"{config} exceeds its budget {BUDGETS[config]} in {over}: {_measured(row)}"
+
+
+@pytest.mark.parametrize(("config", "target"), TARGETS)
+def test_target(sm90_rows, config, target):
+    row = _by_name(sm90_rows)[config]
+    over = _exceeded(row, target)
+    assert not over, f"{config} misses its target {target} in {over}: {_measured(row)}"
 
 
 def test_no_register_spills_on_sm90a(sm90_rows):
     spilling = [
         f"{r['config']}: {r['registers']} registers, {r['spill_bytes']} B stack/local, "
         f"{r['local_loads']} LDL / {r['local_stores']} STL"
-        for r in sm90_rows if r["spill_bytes"] or r["local_loads"] or r["local_stores"]
+        for r in sm90_rows
+        if (r["spill_bytes"] > KNOWN_SPILLS.get(r["config"], 0)
+            or (r["config"] not in KNOWN_SPILLS and (r["local_loads"] or r["local_stores"])))
     ]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
+    assert set(KNOWN_SPILLS) <= set(_by_name(sm90_rows))
 
 
 def test_per_element_counts_follow_the_launch(sm90_rows):
@@ -132,8 +166,7 @@ def test_per_element_counts_follow_the_launch(sm90_rows):
     stats = rows["vp_stats bf16 shard labels T=2 forward_kl"]
     assert stats["element_loops"] == 1
     assert (stats["ldg_bytes_per_element"], stats["stg_bytes_per_element"]) == (4.0, 0.0)
-    # On-chip rows: 3 exp2 per element at T != 1, 2 at T = 1 (the CE softmax is the KL one).
-    assert rows["kd_fwd bf16 on-chip 8192 labels s-grad T=2 forward_kl"]["ex2_per_element"] == 3
+    # On-chip rows at T = 1: one exp2 per logit of each operand (the CE softmax is the KL one).
     assert rows["kd_fwd bf16 on-chip 8192 labels s-grad T=1 forward_kl"]["ex2_per_element"] == 2
     # The backward scale streams the gradient: read and write 2 bytes per element, no exp2.
     scale = rows["scale_rows bf16 scalar"]
