@@ -299,7 +299,8 @@ def split_rows(student, teacher, labels, weight, row_stats, grad_student, grad_t
         float(options.label_smoothing), float(options.z_loss), int(options.ignore_index),
     )
     meta = dict(G=parts, G_BLOCK=parts_block,
-                **kernel_flags(options, has_labels=labels is not None), STUDENT_GRAD=grad_student is not None, TEACHER_GRAD=grad_teacher is not None,
+                **kernel_flags(options, has_labels=labels is not None),
+                STUDENT_GRAD=grad_student is not None, TEACHER_GRAD=grad_teacher is not None,
                 SLICE=SLICE_V, num_warps=SLICE_NUM_WARPS)
     compiled = _split_kernel.warmup(*args, grid=(parts,), **meta)
     groups = min(n_rows, resident_programs(compiled, student.device) // parts)
