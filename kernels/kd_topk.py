@@ -1,0 +1,415 @@
+"""Knowledge distillation from a sparse top-k teacher: Triton kernel and launcher.
+
+Math (one row; s the student's V logits, T the temperature, a = alpha, w the reduction weight,
+K the row's teacher entries j = 1..k with ids id_j and values v_j; an entry with v_j = -inf is
+padding and takes no part in anything below):
+
+    q = softmax(s / T),  log q_u = (s_u - m) / T - log Z_T,  m = max(s),  Z_T = sum_u e_u,
+    e_u = exp((s_u - m) / T).
+
+Teacher, tail="renormalize": p_j = softmax_j(v_j / T) over the k entries. Then
+    D = sum_j p_j (log p_j - log q_{id_j})        (0 * log 0 = 0)
+which is the dense forward KL with a teacher that is -inf outside the ids. With c_p = max_j v_j/T,
+E_j = exp(v_j / T - c_p), Z_p = sum_j E_j and W_p = sum_j E_j (v_j / T - c_p - log q_{id_j}):
+    D = W_p / Z_p - log Z_p,
+accumulated over chunks of entries with the online rescaling of the dense kernel (on a new maximum
+c', W_p <- (W_p + Z_p (c_p - c')) exp(c_p - c')).
+
+Teacher, tail="bucket": the values are full-vocabulary log-probabilities at T, used as they are:
+p_j = exp(v_j). The rest of the vocabulary is one extra class with teacher mass
+p_tail = exp(teacher_tail_logprob) when given, else max(0, 1 - sum_j p_j), and student mass
+    q_tail = sum_{u not in K} q_u = Z_out / Z_T,     Z_out = sum_u e_u [u not in K].
+Z_out is summed directly over the complement (a sum of positives, relative error ~ 1e-7), never
+as Z_T - sum_j e_{id_j}: that difference cancels to <= 0 when K holds almost all the mass. The
+complement comes from a dense membership mask, built on chip from the k ids with tl.histogram
+(one per block of the row). When K covers the whole vocabulary the tail class does not exist
+and p_tail = 0. Then
+    D = sum_j p_j (v_j - log q_{id_j}) + p_tail (log p_tail - log q_tail).
+
+Gradient (p and p_tail do not depend on s). d log q_v / d s_u = (delta_uv - q_u) / T, and
+d log q_tail / d s_u = ([u not in K] q_u / q_tail - q_u) / T. With S_p = sum_j p_j + p_tail
+(1 for renormalize; 1 for bucket when the tail is 1 - sum_j p_j and not clamped):
+    dD/ds_u = (S_p q_u - p_u) / T                          u in K (p_u the entry's p_j)
+    dD/ds_u = (q_u / T) (S_p - p_tail / q_tail)
+            = (e_u / T) (S_p / Z_T - p_tail / Z_out)       u not in K
+so the dense part is one coefficient times e_u, and only the k entries differ from it.
+
+Hard-label terms at T = 1 (y the label, eps the label smoothing, lse = logsumexp(s), p = softmax(s),
+z the z-loss weight):
+    CE   = (1 - eps) (lse - s_y) + eps (lse - sum_u s_u / V)
+    loss = a T^2 D + (1 - a) CE + z lse^2
+    dloss/ds_u = a T dD/ds_u + (1 - a) (p_u - (1 - eps) [u = y] - eps / V) + 2 z lse p_u
+The row statistics written are (loss, D, CE, lse^2); ignored rows hold zeros. Without labels
+CE = 0 and every row counts.
+
+The kernel stores w * dloss/ds densely (the tail formula everywhere), then, after a barrier, the
+k entries' values over it: the same program owns the whole row, so the fix-up stores land after
+the dense ones and no second dense pass is needed. Duplicate ids: the loss counts each entry
+(in bucket mode the membership mask counts the id once for q_tail); the gradient at a duplicated
+id is the value of one of its entries (which one is unspecified), not their sum.
+
+Invalid entries: a non-padding id outside [0, V) is never read; it makes the row's D NaN and
+its gradient NaN. An out-of-range label likewise makes CE and the gradient NaN.
+
+Memory traffic per row of V elements (e = element size of the logits), k entries of an id of
+b_i bytes and a value of b_v bytes:
+    V <= MAX_ON_CHIP_V: one read of s and one write of the gradient: 2 V e + k (b_i + b_v), plus
+    k gathered reads of s (cache hits: the row was just read);
+    larger V: a second read of s in reverse block order (L2 hits first), 2 to 3 V e + k (b_i + b_v).
+Without a gradient the write disappears. Ignored rows read nothing and write zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kd_loss import (
+    LN2,
+    LOG2E,
+    LOOP_BLOCK_V,
+    LOOP_NUM_WARPS,
+    MAX_ON_CHIP_V,
+    _row_label,
+    _safe_max,
+    _store_zero_grads,
+    forward_config,
+)
+
+# Entries per chunk: the k loops (statistics, fix-ups, membership) take the entries in chunks of
+# at most this many, so k is not limited by registers.
+MAX_BLOCK_K = 1024
+TAILS = ("renormalize", "bucket")
+
+
+@triton.jit
+def _member_counts(ids_row, ids_col_stride, values_row, values_col_stride, K, start,
+                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """How many non-padding entries of the row fall on each column of the block at `start`."""
+    kcols = tl.arange(0, BLOCK_K)
+    counts = tl.zeros((BLOCK_V,), tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        koffs = k0 + kcols
+        kmask = koffs < K
+        v = tl.load(values_row + koffs * values_col_stride, mask=kmask,
+                    other=float("-inf")).to(tl.float32)
+        live = kmask & (v != float("-inf"))
+        ids = tl.load(ids_row + koffs * ids_col_stride, mask=live, other=0).to(tl.int64)
+        rel = ids - start
+        inside = live & (rel >= 0) & (rel < BLOCK_V)
+        counts += tl.histogram(tl.where(inside, rel, 0).to(tl.int32), BLOCK_V, mask=inside)
+    return counts
+
+
+@triton.jit
+def _entries(ids_row, ids_col_stride, values_row, values_col_stride, koffs, kmask, V):
+    """(values fp32, ids int64, valid, invalid) of one chunk of entries.
+
+    valid: not padding and id in [0, V). invalid: not padding and id out of range.
+    """
+    v = tl.load(values_row + koffs * values_col_stride, mask=kmask,
+                other=float("-inf")).to(tl.float32)
+    live = kmask & (v != float("-inf"))
+    ids = tl.load(ids_row + koffs * ids_col_stride, mask=live, other=0).to(tl.int64)
+    in_range = (ids >= 0) & (ids < V)
+    return v, ids, live & in_range, live & (~in_range)
+
+
+@triton.jit
+def _kd_topk_kernel(
+    student_ptr, student_row_stride, student_col_stride,  # (N, V) logits, any dtype/strides
+    ids_ptr, ids_row_stride, ids_col_stride,  # (N, k) int32/int64 teacher ids
+    values_ptr, values_row_stride, values_col_stride,  # (N, k) teacher values, any float dtype
+    tail_ptr, tail_stride,  # (N,) teacher tail log-probs; unused without HAS_TAIL
+    labels_ptr, labels_stride,  # (N,) class ids; unused without HAS_LABELS
+    weight_ptr,  # () reduction weight w
+    stats_ptr, stats_row_stride,  # (N, 4) out: loss, D, CE, lse^2 (contiguous columns)
+    grad_ptr, grad_row_stride, grad_col_stride,  # (N, V) out: w * dloss/ds
+    V, K,
+    temperature, alpha, label_smoothing, z_loss, ignore_index,
+    BUCKET: tl.constexpr,  # tail="bucket" (else "renormalize")
+    HAS_TAIL: tl.constexpr,  # bucket with a stored tail log-prob per row
+    HAS_LABELS: tl.constexpr,
+    SHARE_T1: tl.constexpr,  # temperature == 1: the CE softmax is the KD softmax
+    STUDENT_GRAD: tl.constexpr,
+    ON_CHIP: tl.constexpr,  # V <= BLOCK_V: the row stays in registers, read once
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: N * V can exceed 2^31
+    s_row = student_ptr + row * student_row_stride
+    ids_row = ids_ptr + row * ids_row_stride
+    values_row = values_ptr + row * values_row_stride
+    g_row = grad_ptr + row * grad_row_stride
+    st_row = stats_ptr + row * stats_row_stride
+    cols = tl.arange(0, BLOCK_V)
+    kcols = tl.arange(0, BLOCK_K)
+    neg_inf = float("-inf")
+    inv_t = 1.0 / temperature
+    k_t = inv_t * LOG2E
+
+    label, counted = _row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
+    if counted:
+        # Sweep over the student row: max, Z_T, Z_1, sum of logits, Z_out (bucket).
+        if ON_CHIP:
+            mask = cols < V
+            s = tl.load(s_row + cols * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+            max_s = tl.max(s, axis=0)
+            m = _safe_max(max_s)
+            e_t = tl.exp2((s - m) * k_t)
+            z_t = tl.sum(e_t, axis=0)
+            if SHARE_T1:
+                e_1 = e_t
+            else:
+                e_1 = tl.exp2((s - m) * LOG2E)
+            z_1 = tl.sum(e_1, axis=0)
+            sum_s = tl.sum(tl.where(mask, s, 0.0), axis=0)
+            if BUCKET:
+                counts = _member_counts(ids_row, ids_col_stride, values_row, values_col_stride,
+                                        K, 0, BLOCK_V, BLOCK_K)
+                outside = mask & (counts == 0)
+                z_out = tl.sum(tl.where(outside, e_t, 0.0), axis=0)
+                n_out = tl.sum(outside.to(tl.int32), axis=0)
+        else:
+            max_s = tl.full((), neg_inf, tl.float32)
+            z_t = tl.zeros((), tl.float32)
+            z_1 = tl.zeros((), tl.float32)
+            z_out = tl.zeros((), tl.float32)
+            n_out = tl.zeros((), tl.int32)
+            sum_s = tl.zeros((), tl.float32)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                mask = offs < V
+                s = tl.load(s_row + offs * student_col_stride, mask=mask,
+                            other=neg_inf).to(tl.float32)
+                max_new = tl.maximum(max_s, tl.max(s, axis=0))
+                m_new = _safe_max(max_new)
+                # From a raw -inf maximum the rescale is exp2(-inf) = 0 (the sums are 0 then).
+                rescale_t = tl.exp2((max_s - m_new) * k_t)
+                e_t = tl.exp2((s - m_new) * k_t)
+                z_t = z_t * rescale_t + tl.sum(e_t, axis=0)
+                if not SHARE_T1:
+                    z_1 = z_1 * tl.exp2((max_s - m_new) * LOG2E) + tl.sum(
+                        tl.exp2((s - m_new) * LOG2E), axis=0)
+                sum_s += tl.sum(tl.where(mask, s, 0.0), axis=0)
+                if BUCKET:
+                    counts = _member_counts(ids_row, ids_col_stride, values_row,
+                                            values_col_stride, K, start, BLOCK_V, BLOCK_K)
+                    outside = mask & (counts == 0)
+                    z_out = z_out * rescale_t + tl.sum(tl.where(outside, e_t, 0.0), axis=0)
+                    n_out += tl.sum(outside.to(tl.int32), axis=0)
+                max_s = max_new
+            if SHARE_T1:
+                z_1 = z_t
+            m = _safe_max(max_s)
+        log2_zt = tl.log2(z_t)
+        log2_z1 = tl.log2(z_1)
+        ln_zt = LN2 * log2_zt
+
+        # Entries: teacher statistics and the student's log q at the ids (gathered reads).
+        n_bad = tl.zeros((), tl.int32)
+        if BUCKET:
+            p_sum = tl.zeros((), tl.float32)
+            d_k = tl.zeros((), tl.float32)
+        else:
+            c_p = tl.full((), neg_inf, tl.float32)
+            z_p = tl.zeros((), tl.float32)
+            w_p = tl.zeros((), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            koffs = k0 + kcols
+            v, ids, valid, invalid = _entries(ids_row, ids_col_stride, values_row,
+                                              values_col_stride, koffs, koffs < K, V)
+            n_bad += tl.sum(invalid.to(tl.int32), axis=0)
+            s_k = tl.load(s_row + ids * student_col_stride, mask=valid, other=0.0).to(tl.float32)
+            log_q = (s_k - m) * inv_t - ln_zt
+            if BUCKET:
+                p = tl.where(valid, tl.exp2(v * LOG2E), 0.0)
+                p_sum += tl.sum(p, axis=0)
+                d_k += tl.sum(tl.where(p == 0.0, 0.0, p * (v - log_q)), axis=0)
+            else:
+                a = tl.where(valid, v * inv_t, neg_inf)
+                c_new = tl.maximum(c_p, tl.max(a, axis=0))
+                c_safe = _safe_max(c_new)
+                c_old = _safe_max(c_p)
+                rescale = tl.exp2((c_p - c_safe) * LOG2E)
+                e_p = tl.exp2((a - c_safe) * LOG2E)
+                w_p = (w_p + z_p * (c_old - c_safe)) * rescale
+                w_p += tl.sum(tl.where(e_p == 0.0, 0.0, e_p * ((a - c_safe) - log_q)), axis=0)
+                z_p = z_p * rescale + tl.sum(e_p, axis=0)
+                c_p = c_new
+        if BUCKET:
+            if HAS_TAIL:
+                log_p_tail = tl.load(tail_ptr + row * tail_stride).to(tl.float32)
+                p_tail = tl.exp2(log_p_tail * LOG2E)
+            else:
+                p_tail = tl.maximum(1.0 - p_sum, 0.0)
+                log_p_tail = tl.log2(p_tail) * LN2
+            # No vocabulary entry outside K: the tail class does not exist.
+            p_tail = tl.where(n_out == 0, 0.0, p_tail)
+            log_q_tail = LN2 * (tl.log2(z_out) - log2_zt)
+            d = d_k + tl.where(p_tail == 0.0, 0.0, p_tail * (log_p_tail - log_q_tail))
+            s_p = p_sum + p_tail
+            log2_zp = tl.zeros((), tl.float32)
+            c_p = tl.zeros((), tl.float32)
+        else:
+            log2_zp = tl.log2(z_p)
+            d = w_p / z_p - LN2 * log2_zp
+            c_p = _safe_max(c_p)
+            s_p = tl.full((), 1.0, tl.float32)
+            p_tail = tl.zeros((), tl.float32)
+            z_out = tl.full((), 1.0, tl.float32)
+        # Poison: NaN for a row with an out-of-range id (or label); added to every result.
+        poison = tl.where(n_bad > 0, float("nan"), 0.0)
+        d += poison
+
+        lse = m + LN2 * log2_z1
+        row_loss = alpha * temperature * temperature * d + z_loss * lse * lse
+        ce = tl.zeros((), tl.float32)
+        if HAS_LABELS:
+            label_ok = (label >= 0) & (label < V)
+            s_label = tl.load(s_row + label * student_col_stride, mask=label_ok,
+                              other=float("nan")).to(tl.float32)
+            ce = (1.0 - label_smoothing) * (lse - s_label) + label_smoothing * (lse - sum_s / V)
+            row_loss += (1.0 - alpha) * ce
+            poison += tl.where(label_ok, 0.0, float("nan"))
+        tl.store(st_row + 0, row_loss.to(stats_ptr.dtype.element_ty))
+        tl.store(st_row + 1, d.to(stats_ptr.dtype.element_ty))
+        tl.store(st_row + 2, ce.to(stats_ptr.dtype.element_ty))
+        tl.store(st_row + 3, (lse * lse).to(stats_ptr.dtype.element_ty))
+
+        if STUDENT_GRAD:
+            weight = tl.load(weight_ptr).to(tl.float32)
+            coef_kl = weight * alpha * temperature
+            coef_ce = weight * (1.0 - alpha)
+            coef_z = weight * 2.0 * z_loss * lse
+            if HAS_LABELS:
+                coef_p1 = coef_ce + coef_z
+                shift = coef_ce * label_smoothing / V - poison
+                coef_y = coef_ce * (1.0 - label_smoothing)
+            else:
+                coef_p1 = coef_z
+                shift = -poison
+                coef_y = 0.0
+            # Outside K: coef_kl * e_u * (S_p / Z_T - p_tail / Z_out) (the tail term only where
+            # the teacher put mass there, so an empty tail does not divide 0 by 0).
+            tail_ratio = tl.where(p_tail == 0.0, 0.0, p_tail / z_out)
+            coef_e = coef_kl * (s_p / z_t - tail_ratio)
+            inv_z1 = 1.0 / z_1
+            if ON_CHIP:
+                g = coef_e * e_t + (coef_p1 * inv_z1) * e_1 - shift
+                g -= tl.where(cols == label, coef_y, 0.0)
+                tl.store(g_row + cols * grad_col_stride, g.to(grad_ptr.dtype.element_ty),
+                         mask=mask)
+            else:
+                num_blocks = tl.cdiv(V, BLOCK_V)
+                for b in range(0, num_blocks):
+                    # Last block first: those bytes were read last and are likeliest in L2.
+                    offs = (num_blocks - 1 - b) * BLOCK_V + cols
+                    mask = offs < V
+                    s = tl.load(s_row + offs * student_col_stride, mask=mask,
+                                other=neg_inf).to(tl.float32)
+                    e_t = tl.exp2((s - m) * k_t)
+                    if SHARE_T1:
+                        e_1 = e_t
+                    else:
+                        e_1 = tl.exp2((s - m) * LOG2E)
+                    g = coef_e * e_t + (coef_p1 * inv_z1) * e_1 - shift
+                    g -= tl.where(offs == label, coef_y, 0.0)
+                    tl.store(g_row + offs * grad_col_stride, g.to(grad_ptr.dtype.element_ty),
+                             mask=mask)
+            # Every dense store of the row is done before any entry's store overwrites one.
+            tl.debug_barrier()
+            for k0 in range(0, K, BLOCK_K):
+                koffs = k0 + kcols
+                v, ids, valid, invalid = _entries(ids_row, ids_col_stride, values_row,
+                                                  values_col_stride, koffs, koffs < K, V)
+                s_k = tl.load(s_row + ids * student_col_stride, mask=valid,
+                              other=0.0).to(tl.float32)
+                q = tl.exp2((s_k - m) * k_t - log2_zt)
+                if SHARE_T1:
+                    p1 = q
+                else:
+                    p1 = tl.exp2((s_k - m) * LOG2E - log2_z1)
+                if BUCKET:
+                    p = tl.exp2(v * LOG2E)
+                else:
+                    p = tl.exp2((v * inv_t - c_p) * LOG2E - log2_zp)
+                g = coef_kl * (s_p * q - p) + coef_p1 * p1 - shift
+                g -= tl.where(ids == label, coef_y, 0.0)
+                tl.store(g_row + ids * grad_col_stride, g.to(grad_ptr.dtype.element_ty),
+                         mask=valid)
+    else:
+        # Ignored row: zero statistics and gradient; nothing of the row is read.
+        for c in range(0, 4):
+            tl.store(st_row + c, tl.zeros((), stats_ptr.dtype.element_ty))
+        _store_zero_grads(g_row, grad_col_stride, g_row, grad_col_stride, V,
+                          STUDENT_GRAD, False, BLOCK_V)
+
+
+def topk_config(vocab_size: int, k: int) -> dict:
+    """Block sizes and warps of the top-k kernel for rows of `vocab_size` classes, k entries."""
+    config = dict(forward_config(vocab_size))
+    block_k = min(max(triton.next_power_of_2(max(k, 1)), 32 * config["num_warps"]), MAX_BLOCK_K)
+    config["BLOCK_K"] = block_k
+    return config
+
+
+def topk_rows(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    values: torch.Tensor,
+    tail_logprob: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    weight: torch.Tensor,
+    row_stats: torch.Tensor,
+    grad_student: torch.Tensor | None,
+    *,
+    tail: str,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float,
+    z_loss: float,
+    ignore_index: int,
+) -> None:
+    """Fill row_stats (N, 4) and, when given, grad_student (N, V) with w * dloss/ds.
+
+    student (N, V), ids and values (N, k), tail_logprob and labels (N,) or None, weight 0-d.
+    Arguments are assumed validated (fastkd.topk); any strides. grad_student may be student.
+    """
+    n_rows, vocab = student.shape
+    k = ids.shape[1]
+    if n_rows == 0:
+        return
+    if row_stats.stride(1) != 1:
+        raise ValueError("row_stats must have contiguous columns")
+    config = topk_config(vocab, k)
+    g = grad_student if grad_student is not None else row_stats
+    tail_t = tail_logprob if tail_logprob is not None else row_stats
+    lab = labels if labels is not None else row_stats
+    _kd_topk_kernel[(n_rows,)](
+        student, student.stride(0), student.stride(1),
+        ids, ids.stride(0), ids.stride(1),
+        values, values.stride(0), values.stride(1),
+        tail_t, tail_logprob.stride(0) if tail_logprob is not None else 0,
+        lab, labels.stride(0) if labels is not None else 0,
+        weight,
+        row_stats, row_stats.stride(0),
+        g, g.stride(0), g.stride(1),
+        vocab, k,
+        float(temperature), float(alpha), float(label_smoothing), float(z_loss),
+        int(ignore_index),
+        BUCKET=tail == "bucket",
+        HAS_TAIL=tail_logprob is not None,
+        HAS_LABELS=labels is not None,
+        SHARE_T1=float(temperature) == 1.0,
+        STUDENT_GRAD=grad_student is not None,
+        ON_CHIP=config["ON_CHIP"],
+        BLOCK_V=config["BLOCK_V"],
+        BLOCK_K=config["BLOCK_K"],
+        num_warps=config["num_warps"],
+    )
+
+
+__all__ = ["topk_rows", "topk_config", "TAILS", "MAX_ON_CHIP_V", "LOOP_BLOCK_V",
+           "LOOP_NUM_WARPS"]
