@@ -117,6 +117,29 @@ def _entries(ids_row, ids_col_stride, values_row, values_col_stride, koffs, kmas
 
 
 @triton.jit
+def _entry_grads(s_row, student_col_stride, ids_row, ids_col_stride, values_row,
+                 values_col_stride, koffs, K, V, label, m, k_t, inv_t, log2_zt, log2_z1, c_p,
+                 log2_zp, s_p, coef_kl, coef_p1, coef_y, shift,
+                 BUCKET: tl.constexpr, SHARE_T1: tl.constexpr):
+    """w * dloss/ds at one chunk of entries: (gradient, ids, valid)."""
+    v, ids, valid, invalid = _entries(ids_row, ids_col_stride, values_row, values_col_stride,
+                                      koffs, koffs < K, V)
+    s_k = tl.load(s_row + ids * student_col_stride, mask=valid, other=0.0).to(tl.float32)
+    q = tl.exp2((s_k - m) * k_t - log2_zt)
+    if SHARE_T1:
+        p1 = q
+    else:
+        p1 = tl.exp2((s_k - m) * LOG2E - log2_z1)
+    if BUCKET:
+        p = tl.exp2(v * LOG2E)
+    else:
+        p = tl.exp2((v * inv_t - c_p) * LOG2E - log2_zp)
+    g = coef_kl * (s_p * q - p) + coef_p1 * p1 - shift
+    g -= tl.where(ids == label, coef_y, 0.0)
+    return g, ids, valid
+
+
+@triton.jit
 def _kd_topk_kernel(
     student_ptr, student_row_stride, student_col_stride,  # (N, V) logits, any dtype/strides
     ids_ptr, ids_row_stride, ids_col_stride,  # (N, k) int32/int64 teacher ids
@@ -136,6 +159,7 @@ def _kd_topk_kernel(
     ON_CHIP: tl.constexpr,  # V <= BLOCK_V: the row stays in registers, read once
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr,  # K <= BLOCK_K: the entries fit in one chunk
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: N * V can exceed 2^31
     s_row = student_ptr + row * student_row_stride
@@ -296,6 +320,13 @@ def _kd_topk_kernel(
             tail_ratio = tl.where(p_tail == 0.0, 0.0, p_tail / z_out)
             coef_e = coef_kl * (s_p / z_t - tail_ratio)
             inv_z1 = 1.0 / z_1
+            if SINGLE_K:
+                # The entries' gradients are gathered before the dense store, which may overwrite
+                # the logits (in place).
+                g_k, ids_k, valid_k = _entry_grads(
+                    s_row, student_col_stride, ids_row, ids_col_stride, values_row,
+                    values_col_stride, kcols, K, V, label, m, k_t, inv_t, log2_zt, log2_z1,
+                    c_p, log2_zp, s_p, coef_kl, coef_p1, coef_y, shift, BUCKET, SHARE_T1)
             if ON_CHIP:
                 g = coef_e * e_t + (coef_p1 * inv_z1) * e_1 - shift
                 g -= tl.where(cols == label, coef_y, 0.0)
@@ -320,25 +351,18 @@ def _kd_topk_kernel(
                              mask=mask)
             # Every dense store of the row is done before any entry's store overwrites one.
             tl.debug_barrier()
-            for k0 in range(0, K, BLOCK_K):
-                koffs = k0 + kcols
-                v, ids, valid, invalid = _entries(ids_row, ids_col_stride, values_row,
-                                                  values_col_stride, koffs, koffs < K, V)
-                s_k = tl.load(s_row + ids * student_col_stride, mask=valid,
-                              other=0.0).to(tl.float32)
-                q = tl.exp2((s_k - m) * k_t - log2_zt)
-                if SHARE_T1:
-                    p1 = q
-                else:
-                    p1 = tl.exp2((s_k - m) * LOG2E - log2_z1)
-                if BUCKET:
-                    p = tl.exp2(v * LOG2E)
-                else:
-                    p = tl.exp2((v * inv_t - c_p) * LOG2E - log2_zp)
-                g = coef_kl * (s_p * q - p) + coef_p1 * p1 - shift
-                g -= tl.where(ids == label, coef_y, 0.0)
-                tl.store(g_row + ids * grad_col_stride, g.to(grad_ptr.dtype.element_ty),
-                         mask=valid)
+            if SINGLE_K:
+                tl.store(g_row + ids_k * grad_col_stride, g_k.to(grad_ptr.dtype.element_ty),
+                         mask=valid_k)
+            else:
+                for k0 in range(0, K, BLOCK_K):
+                    g_k, ids_k, valid_k = _entry_grads(
+                        s_row, student_col_stride, ids_row, ids_col_stride, values_row,
+                        values_col_stride, k0 + kcols, K, V, label, m, k_t, inv_t, log2_zt,
+                        log2_z1, c_p, log2_zp, s_p, coef_kl, coef_p1, coef_y, shift,
+                        BUCKET, SHARE_T1)
+                    tl.store(g_row + ids_k * grad_col_stride,
+                             g_k.to(grad_ptr.dtype.element_ty), mask=valid_k)
     else:
         # Ignored row: zero statistics and gradient; nothing of the row is read.
         for c in range(0, 4):
@@ -384,6 +408,16 @@ def topk_rows(
     if row_stats.stride(1) != 1:
         raise ValueError("row_stats must have contiguous columns")
     config = topk_config(vocab, k)
+    if (grad_student is not None and k > config["BLOCK_K"]
+            and grad_student.untyped_storage().data_ptr() == student.untyped_storage().data_ptr()):
+        # With several chunks of entries the fix-ups read the logits after the dense store:
+        # in place, they would read the gradient. Compute into a buffer, then copy.
+        buffer = torch.empty_like(grad_student)
+        topk_rows(student, ids, values, tail_logprob, labels, weight, row_stats, buffer,
+                  tail=tail, temperature=temperature, alpha=alpha,
+                  label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index)
+        grad_student.copy_(buffer)
+        return
     g = grad_student if grad_student is not None else row_stats
     tail_t = tail_logprob if tail_logprob is not None else row_stats
     lab = labels if labels is not None else row_stats
@@ -407,6 +441,7 @@ def topk_rows(
         ON_CHIP=config["ON_CHIP"],
         BLOCK_V=config["BLOCK_V"],
         BLOCK_K=config["BLOCK_K"],
+        SINGLE_K=k <= config["BLOCK_K"],
         num_warps=config["num_warps"],
     )
 

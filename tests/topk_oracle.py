@@ -32,12 +32,12 @@ def row_truth(s_row, ids_row, values_row, tail_lp, label, *, tail, temperature, 
     v = values_row.to(torch.float64)
     ids = ids_row.to(torch.int64)
     live = v != float("-inf")
-    if bool((live & ((ids < 0) | (ids >= vocab))).any()):
-        nan = torch.full((), float("nan"), dtype=torch.float64)
-        return nan, nan, nan, nan
     ids, v = ids[live], v[live]
     log_q = _log_softmax(s_row / T)
-    if tail == "renormalize":
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        # A non-padding id outside the vocabulary: D (and so the loss) is NaN.
+        d = torch.full((), float("nan"), dtype=torch.float64)
+    elif tail == "renormalize":
         teacher = torch.full((vocab,), float("-inf"), dtype=torch.float64)
         teacher[ids] = v / T
         log_p = _log_softmax(teacher)
