@@ -369,3 +369,48 @@ def test_entries_in_several_chunks(backend, monkeypatch, tail, inplace):
                               inplace_backward=inplace, **kwargs)
     out.backward(random_grad_output((), torch.Generator().manual_seed(7)))
     assert_close(x.grad, grad, Tol(0.0, 0.0), what="inplace vs not")
+
+
+# --- dtypes, strides, NaN, empty ---------------------------------------------------------------
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_float64_and_bf16_values(backend, tail):
+    student = make_logits((3, ON_CHIP_V), torch.float64, seed=19)
+    ids, values, _ = _teacher((3, ON_CHIP_V), 5, temperature=2.0, tail=tail, seed=7,
+                              dtype=torch.bfloat16)
+    labels = make_labels((3,), ON_CHIP_V, seed=7)
+    loss, _ = check_case(backend, student, ids, values, labels, tail=tail, temperature=2.0,
+                         what="fp64 student, bf16 values")
+    assert loss.dtype == torch.float64
+
+
+def test_strided_inputs(backend):
+    """A sliced student, transposed leading dims of the entries: read through their strides."""
+    wide = make_logits((2, 3, 2 * ON_CHIP_V), seed=20)
+    student = wide[..., ::2]
+    ids, values, _ = _teacher((3, 2, ON_CHIP_V), 6, temperature=2.0, tail="bucket", seed=8)
+    ids, values = ids.transpose(0, 1), values.transpose(0, 1)
+    assert not student.is_contiguous() and not ids.is_contiguous()
+    labels = make_labels((3, 2), ON_CHIP_V, seed=8).T
+    check_case(backend, student, ids, values, labels, tail="bucket", temperature=2.0,
+               reduction="none", what="strided")
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_nan_logits_propagate(backend, tail):
+    student = make_logits((3, ON_CHIP_V), seed=21)
+    student[1, 7] = float("nan")
+    ids, values, _ = _teacher((3, ON_CHIP_V), 5, temperature=2.0, tail=tail, seed=9)
+    labels = make_labels((3,), ON_CHIP_V, seed=9)
+    loss, grad = check_case(backend, student, ids, values, labels, tail=tail, temperature=2.0,
+                            reduction="none", what="NaN logit")
+    assert loss[1].isnan() and torch.isfinite(loss[[0, 2]]).all()
+
+
+def test_empty_batch(backend):
+    student = torch.zeros(0, ON_CHIP_V, device=backend, requires_grad=True)
+    ids = torch.zeros(0, 4, dtype=torch.int64, device=backend)
+    values = torch.zeros(0, 4, device=backend)
+    loss = fastkd.topk_kd_loss(student, ids, values)
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.shape == student.shape
