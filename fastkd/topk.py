@@ -9,141 +9,148 @@ this file holds the PyTorch backend of the same math, the custom op and the publ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ._ops import select_backend
+from . import _ops
+from ._autograd import SavedGradientLoss, make_components, reduce_rows, reduction_weight
+from ._dense import can_hold_its_gradient
+from ._spec import (
+    _FLOAT_DTYPES,
+    NUM_ROW_STATS,
+    LossOptions,
+    LossSpec,
+    check_inplace_flag,
+    check_labels,
+    check_logits,
+    check_loss_options,
+    check_normalizer,
+)
+from ._torch_backend import (
+    RowState,
+    _row_chunks,
+    _safe,
+    compute_dtype,
+    gradient_coefficients,
+    row_statistics,
+)
 
 __all__ = ["topk_kd_loss", "TopKKDLoss", "teacher_topk", "TAILS"]
 
 TAILS = ("renormalize", "bucket")
-# Statistics columns of the (N, 4) row layout.
-_LOSS, _DIVERGENCE, _CE, _LSE_SQUARED = 0, 1, 2, 3
-# Elements per chunk of rows in the PyTorch backend (a few (chunk, V) fp32 buffers).
-CHUNK_ELEMENTS = 1 << 20
 
 
 # --- PyTorch backend -------------------------------------------------------------------------
 
 def _torch_topk_rows(student, ids, values, tail_logprob, labels, weight, row_stats, grad_student,
-                     *, tail, temperature, alpha, label_smoothing, z_loss, ignore_index):
-    """Same contract as fastkd.kernels.kd_topk.topk_rows, in PyTorch, chunked over rows."""
-    n_rows, vocab = student.shape
-    k = ids.shape[1]
-    if n_rows == 0:
-        return
-    cd = row_stats.dtype  # fp32, or fp64 for fp64 inputs
-    inv_t = 1.0 / temperature
-    neg_inf = float("-inf")
-    w = weight.to(cd)
-    chunk = max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab, k)))
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        rows = stop - start
-        s = student[start:stop].to(cd)
-        m = s.amax(dim=1, keepdim=True)
-        m = torch.where(m == neg_inf, 0.0, m)
-        centred = s - m
-        e_t = torch.exp(centred * inv_t)
-        z_t = e_t.sum(dim=1, keepdim=True)
-        e_1 = e_t if temperature == 1.0 else torch.exp(centred)
-        z_1 = e_1.sum(dim=1, keepdim=True)
-        log_zt = z_t.log()
+                     *, tail: str, options: LossOptions) -> None:
+    """Same contract as fastkd.kernels.kd_topk.topk_rows, in PyTorch, chunk by chunk of rows.
 
-        v = values[start:stop].to(cd)
+    The CE, z-loss and label terms and their gradient coefficients are the dense loss's
+    (fastkd._torch_backend.row_statistics / gradient_coefficients) on a row state whose
+    divergence is the top-k one.
+    """
+    n_rows, vocab = student.shape
+    cd = row_stats.dtype  # fp32, or fp64 for fp64 inputs
+    inv_t = 1.0 / options.temperature
+    neg_inf = float("-inf")
+    for rows in _row_chunks(n_rows, max(vocab, ids.shape[1])):
+        s = student[rows].to(cd)
+        n = s.shape[0]
+        m = _safe(s.amax(dim=1))
+        centred = s - m[:, None]
+        e_t = torch.exp(centred * inv_t)
+        z_t = e_t.sum(dim=1)
+        e_1 = e_t if options.temperature == 1.0 else torch.exp(centred)
+        log_z_t = z_t.log()
+
+        v = values[rows].to(cd)
         live = v != neg_inf
-        idx = ids[start:stop].long()
+        idx = ids[rows].long()
         in_range = (idx >= 0) & (idx < vocab)
         valid = live & in_range
         bad = (live & ~in_range).any(dim=1)
         # Entries that are not valid point at an extra column V, so they touch nothing real.
         safe_idx = torch.where(valid, idx, vocab)
-        padded = torch.cat([centred, centred.new_zeros(rows, 1)], dim=1)
-        log_q = padded.gather(1, safe_idx) * inv_t - log_zt
+        centred_k = torch.cat([centred, centred.new_zeros(n, 1)], dim=1).gather(1, safe_idx)
+        log_q = centred_k * inv_t - log_z_t[:, None]
         if tail == "bucket":
             p = torch.where(valid, v.exp(), 0.0)
             d = torch.where(p == 0, 0.0, p * (v - log_q)).sum(dim=1)
             p_sum = p.sum(dim=1)
-            counts = torch.zeros(rows, vocab + 1, dtype=torch.int32, device=s.device)
+            counts = torch.zeros(n, vocab + 1, dtype=torch.int32, device=s.device)
             counts.scatter_add_(1, safe_idx, torch.ones_like(safe_idx, dtype=torch.int32))
             outside = counts[:, :vocab] == 0
             # The complement is summed directly: Z_T - Z_K would cancel when K holds the mass.
             z_out = torch.where(outside, e_t, 0.0).sum(dim=1)
             if tail_logprob is not None:
-                log_p_tail = tail_logprob[start:stop].to(cd)
+                log_p_tail = tail_logprob[rows].to(cd)
                 p_tail = log_p_tail.exp()
             else:
                 p_tail = (1.0 - p_sum).clamp(min=0.0)
                 log_p_tail = p_tail.log()
-            p_tail = torch.where(outside.any(dim=1), p_tail, 0.0)
-            log_q_tail = z_out.log() - log_zt.squeeze(1)
+            p_tail = torch.where(outside.any(dim=1), p_tail, 0.0)  # no tail class at all
+            log_q_tail = z_out.log() - log_z_t
             d = d + torch.where(p_tail == 0, 0.0, p_tail * (log_p_tail - log_q_tail))
             s_p = p_sum + p_tail
             tail_ratio = torch.where(p_tail == 0, 0.0, p_tail / z_out)
         else:
-            a = torch.where(valid, v * inv_t, neg_inf)
-            log_p = torch.log_softmax(a, dim=1)
+            log_p = torch.log_softmax(torch.where(valid, v * inv_t, neg_inf), dim=1)
             p = log_p.exp()
             d = torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(dim=1)
             s_p = torch.ones_like(d)
             tail_ratio = torch.zeros_like(d)
         d = torch.where(bad, float("nan"), d)
 
-        lse = (m + z_1.log()).squeeze(1)
-        loss = (alpha * temperature * temperature) * d + z_loss * lse * lse
-        ce = torch.zeros_like(d)
-        poison = torch.where(bad, float("nan"), 0.0).to(cd)
-        counted = torch.ones(rows, dtype=torch.bool, device=s.device)
-        if labels is not None:
-            y = labels[start:stop].long()
-            counted = y != ignore_index
+        y = labels[rows].long() if labels is not None else None
+        label_logit = torch.zeros_like(m)
+        if y is not None:
             label_ok = (y >= 0) & (y < vocab)
-            safe_y = torch.where(label_ok, y, 0)[:, None]
-            s_y = s.gather(1, safe_y).squeeze(1)
-            ce = (1.0 - label_smoothing) * (lse - s_y) + label_smoothing * (
-                lse - s.sum(dim=1) / vocab)
-            ce = torch.where(label_ok, ce, float("nan"))
-            loss = loss + (1.0 - alpha) * ce
-            poison = poison + torch.where(label_ok, 0.0, float("nan")).to(cd)
-        stats = torch.stack([loss, d, ce, lse * lse], dim=1)
-        row_stats[start:stop] = torch.where(counted[:, None], stats, 0.0)
-
+            label_logit = torch.where(
+                label_ok, centred.gather(1, torch.where(label_ok, y, 0)[:, None]).squeeze(1),
+                float("nan"))
+        zero = torch.zeros_like(m)
+        state = RowState(m_s=m, m_t=zero, log_z_a=log_z_t, log_z_b=zero,
+                         log_z_1=e_1.sum(dim=1).log(), sum_s=centred.sum(dim=1),
+                         label_logit=label_logit, columns=torch.full_like(m, vocab),
+                         divergence=d)
+        stats, _, _ = row_statistics(state, None, labels[rows] if labels is not None else None,
+                                     options)
+        row_stats[rows] = stats
         if grad_student is None:
             continue
-        coef_kl = w * (alpha * temperature)
-        coef_z = w * (2.0 * z_loss) * lse
-        if labels is not None:
-            coef_ce = w * (1.0 - alpha)
-            coef_p1 = coef_ce + coef_z
-            shift = coef_ce * label_smoothing / vocab - poison
-            coef_y = (coef_ce * (1.0 - label_smoothing)).expand(rows)
-        else:
-            coef_p1 = coef_z
-            shift = -poison
-            coef_y = None
-        coef_e = coef_kl * (s_p / z_t.squeeze(1) - tail_ratio)
-        g = torch.zeros(rows, vocab + 1, dtype=cd, device=s.device)
-        g[:, :vocab] = (coef_e[:, None] * e_t + (coef_p1 / z_1.squeeze(1))[:, None] * e_1
-                        - shift[:, None])
-        if coef_y is not None:
-            g[:, :vocab].scatter_add_(1, safe_y, -(coef_y * label_ok)[:, None])
+
+        coef = gradient_coefficients(state, labels[rows] if labels is not None else None,
+                                     weight, options)
+        # A row with an out-of-range id: NaN everywhere, as its loss.
+        poison = torch.where(bad, float("nan"), 0.0).to(cd)
+        shift = coef.uniform - poison
+        p_1 = e_1 / e_1.sum(dim=1, keepdim=True)
+        g = torch.empty(n, vocab + 1, dtype=cd, device=s.device)
+        g[:, :vocab] = ((coef.div * (s_p / z_t - tail_ratio))[:, None] * e_t
+                        + coef.p1[:, None] * p_1 - shift[:, None])
+        if y is not None:
+            g[:, :vocab].scatter_add_(1, torch.where(label_ok, y, 0)[:, None],
+                                      -(coef.label * label_ok)[:, None])
         # The k entries' gradient, written over the dense one (a duplicated id keeps one entry).
         q = log_q.exp()
-        p1 = q if temperature == 1.0 else torch.exp(padded.gather(1, safe_idx) - z_1.log())
-        fix = coef_kl[..., None] * (s_p[:, None] * q - p) + coef_p1[..., None] * p1 - shift[:, None]
-        if coef_y is not None:
-            fix = fix - torch.where(safe_idx == y[:, None], coef_y[:, None], 0.0)
+        p_1k = q if options.temperature == 1.0 else torch.exp(centred_k - state.log_z_1[:, None])
+        fix = (coef.div[:, None] * (s_p[:, None] * q - p) + coef.p1[:, None] * p_1k
+               - shift[:, None])
+        if y is not None:
+            fix = fix - torch.where(safe_idx == y[:, None], coef.label[:, None], 0.0)
         g.scatter_(1, safe_idx, fix)
         g = g[:, :vocab]
-        g[~counted] = 0.0
-        grad_student[start:stop] = g
+        if y is not None:
+            g = torch.where((y != options.ignore_index)[:, None], g, 0.0)  # g may hold NaN
+        grad_student[rows] = g
 
 
 def _rows_backend(device: torch.device):
     """The top-k launcher for `device`: same choice (FASTKD_BACKEND) as the dense loss."""
-    from . import _torch_backend
-
-    if select_backend(device) is _torch_backend:
+    if not _ops.uses_triton(device):
         return _torch_topk_rows
     from .kernels import kd_topk
 
@@ -167,75 +174,48 @@ def topk_rows(
     z_loss: float,
     ignore_index: int,
 ) -> None:
-    """Fill row_stats (N, 4: loss, divergence, CE, lse^2) and grad_student (N, V) = w dloss/ds."""
-    _rows_backend(student.device)(
-        student, ids, values, tail_logprob, labels, weight, row_stats, grad_student,
-        tail=tail, temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
-        z_loss=z_loss, ignore_index=ignore_index,
-    )
+    """(N, V) student logits and (N, k) teacher entries -> row_stats (N, 4) and w * dloss/ds.
+
+    row_stats columns: loss, divergence, ce, lse^2 (fastkd._spec.ROW_*). grad_student None: not
+    computed; it may be the student logits themselves (in place, eager mode).
+    """
+    options = LossOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                          z_loss=z_loss, ignore_index=ignore_index)
+    _rows_backend(student.device)(student, ids, values, tail_logprob, labels, weight, row_stats,
+                                  grad_student, tail=tail, options=options)
 
 
 @topk_rows.register_fake
-def _(student, ids, values, tail_logprob, labels, weight, row_stats, grad_student, tail,
-      temperature, alpha, label_smoothing, z_loss, ignore_index):
+def _(*args):
     return None
 
 
-# --- teacher_topk ----------------------------------------------------------------------------
+def topk_rows_into(student_2d, ids_2d, values_2d, tail_1d, labels_1d, weight,
+                   options: LossOptions, tail: str, *, student_grad: bool,
+                   grad_student_out=None):
+    """Allocate the outputs of topk_rows and run it: (row_stats (N, 4), grad_student or None)."""
+    n_rows = student_2d.shape[0]
+    row_stats = student_2d.new_empty((n_rows, NUM_ROW_STATS),
+                                     dtype=compute_dtype(student_2d, values_2d))
+    grad_student = None
+    if student_grad:
+        grad_student = grad_student_out
+        if grad_student is None:
+            grad_student = torch.empty_like(student_2d, memory_format=torch.contiguous_format)
+    if n_rows > 0:
+        topk_rows(student_2d, ids_2d, values_2d, tail_1d, labels_1d, weight, row_stats,
+                  grad_student, tail, options.temperature, options.alpha,
+                  options.label_smoothing, options.z_loss, options.ignore_index)
+    return row_stats, grad_student
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# --- checks ----------------------------------------------------------------------------------
 
 def _check_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return value
 
-
-def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0):
-    """The teacher's k most likely classes and their log-probabilities at `temperature`.
-
-    Returns ``(ids, logprobs)``, both (..., k), largest first: ids int64, logprobs float32
-    (float64 for float64 logits), the full-vocabulary log-softmax of ``teacher_logits / T``::
-
-        logprobs, ids = torch.log_softmax(teacher_logits.float() / T, -1).topk(k, dim=-1)
-
-    These are the values ``topk_kd_loss(..., tail="bucket", temperature=T)`` expects. The tail
-    mass is ``1 - logprobs.exp().sum(-1)``, or more accurately ``log1p(-exp(logsumexp(logprobs)))``.
-    Ties may be broken differently from ``torch.topk`` on the log-probabilities. Entries of a row
-    with fewer than k finite logits come back as -inf, which ``topk_kd_loss`` reads as padding.
-
-    The top k is taken on the raw logits (dividing by T > 0 keeps the order) and the normaliser
-    is a logsumexp over row chunks, so no (N, V) log-softmax is ever materialised.
-    """
-    if not isinstance(teacher_logits, torch.Tensor):
-        raise TypeError("teacher_logits must be a torch.Tensor, got "
-                        f"{type(teacher_logits).__name__}")
-    if teacher_logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError("teacher_logits must be a floating tensor (float16, bfloat16, float32 or "
-                        f"float64), got {teacher_logits.dtype}")
-    if teacher_logits.dim() < 1:
-        raise ValueError("teacher_logits must have shape (..., vocab), got a 0-d tensor")
-    vocab = teacher_logits.shape[-1]
-    k = _check_int("k", k)
-    if not 1 <= k <= vocab:
-        raise ValueError(f"k must lie in [1, vocab={vocab}], got {k}")
-    temperature = _check_temperature(temperature)
-    out_dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
-    flat = teacher_logits.reshape(-1, vocab)
-    top, ids = torch.topk(flat, k, dim=-1, largest=True, sorted=True)
-    lse = torch.empty(flat.shape[0], dtype=out_dtype, device=flat.device)
-    chunk = max(1, CHUNK_ELEMENTS // vocab)
-    for start in range(0, flat.shape[0], chunk):
-        rows = flat[start:start + chunk].to(out_dtype)
-        lse[start:start + chunk] = torch.logsumexp(rows / temperature, dim=-1)
-    logprobs = top.to(out_dtype) / temperature - lse[:, None]
-    leading = teacher_logits.shape[:-1]
-    return ids.reshape(*leading, k), logprobs.reshape(*leading, k)
-
-
-
-# --- input checks ----------------------------------------------------------------------------
 
 def _check_topk_inputs(student_logits, ids, values, tail, tail_logprob):
     """Check the teacher's entries against the (already checked) student logits; returns k."""
@@ -283,30 +263,57 @@ def _check_topk_inputs(student_logits, ids, values, tail, tail_logprob):
     return k
 
 
-# --- the loss --------------------------------------------------------------------------------
+def validate_topk_call(student_logits, ids, values, labels, *, tail, tail_logprob,
+                       normalizer=None, **options) -> tuple[LossSpec, int]:
+    """Check one top-k loss call: (its spec, k). Errors name the argument."""
+    check_logits("student_logits", student_logits)
+    vocab_size = student_logits.shape[-1]
+    if vocab_size == 0:
+        raise ValueError("student_logits has an empty vocabulary (last dimension is 0)")
+    leading_shape = student_logits.shape[:-1]
+    check_labels(labels, leading_shape, student_logits.device)
+    loss_options = check_loss_options(has_labels=labels is not None, **options)
+    k = _check_topk_inputs(student_logits, ids, values, tail, tail_logprob)
+    spec = LossSpec(
+        options=loss_options, vocab_size=vocab_size, leading_shape=leading_shape,
+        has_labels=labels is not None,
+        normalizer=check_normalizer(normalizer, loss_options.reduction, student_logits.device),
+    )
+    return spec, k
 
-def _forward_rows(student_2d, ids_2d, values_2d, tail_1d, labels_1d, weight, options, tail, *,
-                  student_grad, grad_student_out=None):
-    """Allocate the outputs and run the op: (row_stats (N, 4), grad_student (N, V) or None)."""
-    n_rows, vocab = student_2d.shape
-    stats_dtype = torch.float64 if torch.float64 in (student_2d.dtype, values_2d.dtype) else (
-        torch.float32)
-    row_stats = torch.empty(n_rows, 4, dtype=stats_dtype, device=student_2d.device)
-    grad = None
-    if student_grad:
-        grad = grad_student_out if grad_student_out is not None else torch.empty_like(
-            student_2d, memory_format=torch.contiguous_format)
-    kwargs = dict(tail=tail, temperature=options.temperature, alpha=options.alpha,
-                  label_smoothing=options.label_smoothing, z_loss=options.z_loss,
-                  ignore_index=options.ignore_index)
-    if grad_student_out is not None and grad_student_out is student_2d:
-        # In place (eager only: refused under torch.compile): a custom op may not alias inputs.
-        _rows_backend(student_2d.device)(student_2d, ids_2d, values_2d, tail_1d, labels_1d,
-                                         weight, row_stats, grad, **kwargs)
-    else:
-        topk_rows(student_2d, ids_2d, values_2d, tail_1d, labels_1d, weight, row_stats, grad,
-                  **kwargs)
-    return row_stats, grad
+
+@dataclass(frozen=True)
+class TopKPlan:
+    spec: LossSpec
+    k: int
+    tail: str
+    student_grad: bool
+    inplace_backward: bool
+    name: str = "fastkd.topk_kd_loss"
+
+
+def _run_topk(plan: TopKPlan, student_logits, ids, values, tail_logprob, labels):
+    spec, options = plan.spec, plan.spec.options
+    student_2d = student_logits.reshape(-1, spec.vocab_size)
+    labels_1d = labels.reshape(-1) if labels is not None else None
+    weight = reduction_weight(labels_1d, options, spec.leading_shape, spec.normalizer,
+                              student_logits.device, compute_dtype(student_logits, values))
+    inplace = (plan.inplace_backward and plan.student_grad
+               and can_hold_its_gradient(student_2d, student_logits))
+    row_stats, grad_student = topk_rows_into(
+        student_2d, ids.reshape(-1, plan.k), values.reshape(-1, plan.k),
+        tail_logprob.reshape(-1) if tail_logprob is not None else None, labels_1d, weight,
+        options, plan.tail, student_grad=plan.student_grad,
+        grad_student_out=student_2d if inplace else None)
+    if inplace:
+        # The logits now hold the gradient: ops that saved them for backward must raise.
+        torch.autograd.graph.increment_version(student_logits)
+        grad_student = grad_student.detach()
+    loss, components = reduce_rows(row_stats, weight, options, spec.leading_shape,
+                                   spec.normalizer)
+    grads = ((grad_student, student_logits.shape) if plan.student_grad else None,
+             None, None, None, None)
+    return loss, components, grads
 
 
 def topk_kd_loss(
@@ -375,44 +382,22 @@ def topk_kd_loss(
         The loss (fp32; fp64 for fp64 inputs), or ``fastkd.KDLossComponents`` with
         ``return_components=True``.
     """
-    options = _core_options(student_logits, labels, temperature=temperature, alpha=alpha,
-                            label_smoothing=label_smoothing, z_loss=z_loss,
-                            ignore_index=ignore_index, reduction=reduction)
-    k = _check_topk_inputs(student_logits, teacher_topk_ids, teacher_topk_values, tail,
-                           teacher_tail_logprob)
-    normalizer = _core_normalizer(normalizer, reduction, student_logits.device)
-    _core_check_inplace(inplace_backward)
+    spec, k = validate_topk_call(
+        student_logits, teacher_topk_ids, teacher_topk_values, labels, tail=tail,
+        tail_logprob=teacher_tail_logprob, normalizer=normalizer, temperature=temperature,
+        alpha=alpha, label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    check_inplace_flag(inplace_backward)
     if not isinstance(return_components, bool):
         raise TypeError(f"return_components must be a bool, got {type(return_components).__name__}")
-    vocab = student_logits.shape[-1]
-    leading = student_logits.shape[:-1]
-    labels_1d = labels.reshape(-1) if labels is not None else None
-    ids_2d = teacher_topk_ids.reshape(-1, k)
-    values_2d = teacher_topk_values.reshape(-1, k)
-    tail_1d = teacher_tail_logprob.reshape(-1) if teacher_tail_logprob is not None else None
-    student_grad = torch.is_grad_enabled() and student_logits.requires_grad
-
-    def run(student):
-        student_2d = student.reshape(-1, vocab)
-        stats_dtype = torch.float64 if torch.float64 in (
-            student.dtype, teacher_topk_values.dtype) else torch.float32
-        weight = _core_weight(labels_1d, options, leading, normalizer, student.device,
-                              stats_dtype)
-        out = None
-        if inplace_backward and student_grad and _core_can_hold(student_2d, student):
-            out = student_2d
-        row_stats, grad = _forward_rows(student_2d, ids_2d, values_2d, tail_1d, labels_1d,
-                                        weight, options, tail, student_grad=student_grad,
-                                        grad_student_out=out)
-        if out is not None:
-            torch.autograd.graph.increment_version(student)
-            grad = grad.detach()
-        loss, components = _core_reduce(row_stats, weight, options, leading, normalizer)
-        return loss, components, (grad.view(student.shape) if grad is not None else None,)
-
-    loss, components = _core_apply(run, "fastkd.topk_kd_loss", student_logits)
+    plan = TopKPlan(spec=spec, k=k, tail=tail,
+                    student_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+                    inplace_backward=inplace_backward)
+    loss, components = SavedGradientLoss.apply(_run_topk, plan, student_logits, teacher_topk_ids,
+                                               teacher_topk_values, teacher_tail_logprob, labels)
     if return_components:
-        return _core_components(loss, components)
+        return make_components(loss, components)
     return loss
 
 
@@ -430,12 +415,13 @@ class TopKKDLoss(nn.Module):
                  ignore_index: int = -100, reduction: str = "mean",
                  inplace_backward: bool = False, return_components: bool = False):
         super().__init__()
-        _core_options(None, None, temperature=temperature, alpha=alpha,
-                      label_smoothing=label_smoothing, z_loss=z_loss,
-                      ignore_index=ignore_index, reduction=reduction)
+        # Fail at construction, not at the first training step.
+        check_loss_options(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                           z_loss=z_loss, ignore_index=ignore_index, reduction=reduction,
+                           has_labels=None)
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-        _core_check_inplace(inplace_backward)
+        check_inplace_flag(inplace_backward)
         self.temperature = temperature
         self.alpha = alpha
         self.tail = tail
@@ -463,91 +449,43 @@ class TopKKDLoss(nn.Module):
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
 
 
-# --- the core's checks, reduction and autograd, in one place ---------------------------------
+# --- teacher_topk ----------------------------------------------------------------------------
 
-def _check_temperature(temperature) -> float:
-    return _core_options(None, None, temperature=temperature).temperature
+def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0):
+    """The teacher's k most likely classes and their log-probabilities at `temperature`.
 
+    Returns ``(ids, logprobs)``, both (..., k), largest first: ids int64, logprobs float32
+    (float64 for float64 logits), the full-vocabulary log-softmax of ``teacher_logits / T``::
 
-def _core_options(student_logits, labels, *, temperature=1.0, alpha=None, label_smoothing=0.0,
-                  z_loss=0.0, ignore_index=-100, reduction="mean"):
-    from types import SimpleNamespace
+        logprobs, ids = torch.log_softmax(teacher_logits.float() / T, -1).topk(k, dim=-1)
 
-    from ._validation import check_loss_options, validate_kd_args
+    These are the values ``topk_kd_loss(..., tail="bucket", temperature=T)`` expects. The tail
+    mass is ``1 - logprobs.exp().sum(-1)``, or more accurately ``log1p(-exp(logsumexp(logprobs)))``.
+    Ties may be broken differently from ``torch.topk`` on the log-probabilities. Entries of a row
+    with fewer than k finite logits come back as -inf, which ``topk_kd_loss`` reads as padding.
 
-    if student_logits is None:
-        temperature, alpha = check_loss_options(
-            temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-            reduction=reduction, has_labels=None)
-    else:
-        args = validate_kd_args(student_logits, student_logits, labels, temperature=temperature,
-                                alpha=alpha, ignore_index=ignore_index, reduction=reduction)
-        temperature, alpha = args.temperature, args.alpha
-    return SimpleNamespace(temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-                           reduction=reduction, label_smoothing=float(label_smoothing),
-                           z_loss=float(z_loss))
-
-
-def _core_normalizer(normalizer, reduction, device):
-    from ._validation import check_normalizer
-
-    return check_normalizer(normalizer, reduction, device)
-
-
-def _core_check_inplace(flag):
-    from ._validation import check_inplace_flag
-
-    check_inplace_flag(flag)
-
-
-def _core_can_hold(student_2d, student):
-    from .functional import can_hold_its_gradient
-
-    return can_hold_its_gradient(student_2d, student)
-
-
-def _core_weight(labels_1d, options, leading, normalizer, device, dtype):
-    from ._validation import KDArgs
-    from .functional import row_weight
-
-    args = KDArgs(options.temperature, options.alpha, options.ignore_index, options.reduction,
-                  1, torch.Size(leading), normalizer)
-    return row_weight(labels_1d, args, device, dtype)
-
-
-def _core_reduce(row_stats, weight, options, leading, normalizer):
-    if options.reduction == "none":
-        return row_stats[:, 0].reshape(leading), row_stats[:, 1:].T.reshape(3, *leading)
-    totals = row_stats.sum(dim=0)
-    if not (options.reduction == "sum" and normalizer is None):
-        totals = totals * weight.to(totals.dtype)
-    return totals[0], totals[1:]
-
-
-class _Saved(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, run, name, student):
-        loss, components, (grad,) = run(student)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(components)
-        return loss, components
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, _):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return None, None, None
-        factor = grad_output.reshape(*grad_output.shape, *([1] * (grad.dim() - grad_output.dim())))
-        return None, None, grad * factor.to(grad.dtype)
-
-
-def _core_apply(run, name, student):
-    return _Saved.apply(run, name, student)
-
-
-def _core_components(loss, components):
-    from collections import namedtuple
-
-    return namedtuple("KDLossComponents", "loss divergence ce lse_squared")(
-        loss, components[0], components[1], components[2])
+    The top k is taken on the raw logits (dividing by T > 0 keeps the order) and the normaliser
+    is a logsumexp over row chunks, so no (N, V) log-softmax is ever materialised.
+    """
+    if not isinstance(teacher_logits, torch.Tensor):
+        raise TypeError("teacher_logits must be a torch.Tensor, got "
+                        f"{type(teacher_logits).__name__}")
+    if teacher_logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError("teacher_logits must be a floating tensor (float16, bfloat16, float32 or "
+                        f"float64), got {teacher_logits.dtype}")
+    if teacher_logits.dim() < 1:
+        raise ValueError("teacher_logits must have shape (..., vocab), got a 0-d tensor")
+    vocab = teacher_logits.shape[-1]
+    k = _check_int("k", k)
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must lie in [1, vocab={vocab}], got {k}")
+    temperature = check_loss_options(temperature=temperature, has_labels=None).temperature
+    out_dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    flat = teacher_logits.reshape(-1, vocab)
+    top, ids = torch.topk(flat, k, dim=-1, largest=True, sorted=True)
+    lse = torch.empty(flat.shape[0], dtype=out_dtype, device=flat.device)
+    for rows in _row_chunks(flat.shape[0], vocab):
+        lse[rows] = torch.logsumexp(flat[rows].to(out_dtype) / temperature, dim=-1)
+    logprobs = top.to(out_dtype) / temperature - lse[:, None]
+    leading = teacher_logits.shape[:-1]
+    return ids.reshape(*leading, k), logprobs.reshape(*leading, k)

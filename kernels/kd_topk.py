@@ -65,6 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._spec import LossOptions
 from .kd_loss import (
     LN2,
     LOG2E,
@@ -72,6 +73,7 @@ from .kd_loss import (
     LOOP_NUM_WARPS,
     MAX_ON_CHIP_V,
     _row_label,
+    _row_loss_terms,
     _safe_max,
     _store_zero_grads,
     forward_config,
@@ -120,13 +122,13 @@ def _entries(ids_row, ids_col_stride, values_row, values_col_stride, koffs, kmas
 def _entry_grads(s_row, student_col_stride, ids_row, ids_col_stride, values_row,
                  values_col_stride, koffs, K, V, label, m, k_t, inv_t, log2_zt, log2_z1, c_p,
                  log2_zp, s_p, coef_kl, coef_p1, coef_y, shift,
-                 BUCKET: tl.constexpr, SHARE_T1: tl.constexpr):
+                 BUCKET: tl.constexpr, T_IS_ONE: tl.constexpr):
     """w * dloss/ds at one chunk of entries: (gradient, ids, valid)."""
     v, ids, valid, invalid = _entries(ids_row, ids_col_stride, values_row, values_col_stride,
                                       koffs, koffs < K, V)
     s_k = tl.load(s_row + ids * student_col_stride, mask=valid, other=0.0).to(tl.float32)
     q = tl.exp2((s_k - m) * k_t - log2_zt)
-    if SHARE_T1:
+    if T_IS_ONE:
         p1 = q
     else:
         p1 = tl.exp2((s_k - m) * LOG2E - log2_z1)
@@ -154,7 +156,8 @@ def _kd_topk_kernel(
     BUCKET: tl.constexpr,  # tail="bucket" (else "renormalize")
     HAS_TAIL: tl.constexpr,  # bucket with a stored tail log-prob per row
     HAS_LABELS: tl.constexpr,
-    SHARE_T1: tl.constexpr,  # temperature == 1: the CE softmax is the KD softmax
+    T_IS_ONE: tl.constexpr,  # temperature == 1: the CE softmax is the KD softmax
+    SMOOTHING: tl.constexpr,  # label_smoothing > 0: the centred logit sum is needed
     STUDENT_GRAD: tl.constexpr,
     ON_CHIP: tl.constexpr,  # V <= BLOCK_V: the row stays in registers, read once
     BLOCK_V: tl.constexpr,
@@ -183,12 +186,12 @@ def _kd_topk_kernel(
             m = _safe_max(max_s)
             e_t = tl.exp2((s - m) * k_t)
             z_t = tl.sum(e_t, axis=0)
-            if SHARE_T1:
+            if T_IS_ONE:
                 e_1 = e_t
             else:
                 e_1 = tl.exp2((s - m) * LOG2E)
             z_1 = tl.sum(e_1, axis=0)
-            sum_s = tl.sum(tl.where(mask, s, 0.0), axis=0)
+            sum_s = tl.sum(tl.where(mask, s - m, 0.0), axis=0)
             if BUCKET:
                 counts = _member_counts(ids_row, ids_col_stride, values_row, values_col_stride,
                                         K, 0, BLOCK_V, BLOCK_K)
@@ -213,10 +216,13 @@ def _kd_topk_kernel(
                 rescale_t = tl.exp2((max_s - m_new) * k_t)
                 e_t = tl.exp2((s - m_new) * k_t)
                 z_t = z_t * rescale_t + tl.sum(e_t, axis=0)
-                if not SHARE_T1:
+                if not T_IS_ONE:
                     z_1 = z_1 * tl.exp2((max_s - m_new) * LOG2E) + tl.sum(
                         tl.exp2((s - m_new) * LOG2E), axis=0)
-                sum_s += tl.sum(tl.where(mask, s, 0.0), axis=0)
+                if SMOOTHING:
+                    # `start` elements were centred on the previous maximum.
+                    sum_s += start * (_safe_max(max_s) - m_new) + tl.sum(
+                        tl.where(mask, s - m_new, 0.0), axis=0)
                 if BUCKET:
                     counts = _member_counts(ids_row, ids_col_stride, values_row,
                                             values_col_stride, K, start, BLOCK_V, BLOCK_K)
@@ -224,7 +230,7 @@ def _kd_topk_kernel(
                     z_out = z_out * rescale_t + tl.sum(tl.where(outside, e_t, 0.0), axis=0)
                     n_out += tl.sum(outside.to(tl.int32), axis=0)
                 max_s = max_new
-            if SHARE_T1:
+            if T_IS_ONE:
                 z_1 = z_t
             m = _safe_max(max_s)
         log2_zt = tl.log2(z_t)
@@ -287,16 +293,12 @@ def _kd_topk_kernel(
         poison = tl.where(n_bad > 0, float("nan"), 0.0)
         d += poison
 
-        lse = m + LN2 * log2_z1
-        row_loss = alpha * temperature * temperature * d + z_loss * lse * lse
-        ce = tl.zeros((), tl.float32)
-        if HAS_LABELS:
-            label_ok = (label >= 0) & (label < V)
-            s_label = tl.load(s_row + label * student_col_stride, mask=label_ok,
-                              other=float("nan")).to(tl.float32)
-            ce = (1.0 - label_smoothing) * (lse - s_label) + label_smoothing * (lse - sum_s / V)
-            row_loss += (1.0 - alpha) * ce
-            poison += tl.where(label_ok, 0.0, float("nan"))
+        row_loss, ce, lse, label_ok = _row_loss_terms(
+            s_row, student_col_stride, label, V, m, log2_z1, sum_s, d, temperature, alpha,
+            label_smoothing, z_loss, HAS_LABELS, SMOOTHING,
+        )
+        # A label outside the vocabulary makes the whole row's gradient NaN, as its loss.
+        poison += tl.where(label_ok, 0.0, float("nan"))
         tl.store(st_row + 0, row_loss.to(stats_ptr.dtype.element_ty))
         tl.store(st_row + 1, d.to(stats_ptr.dtype.element_ty))
         tl.store(st_row + 2, ce.to(stats_ptr.dtype.element_ty))
@@ -326,7 +328,7 @@ def _kd_topk_kernel(
                 g_k, ids_k, valid_k = _entry_grads(
                     s_row, student_col_stride, ids_row, ids_col_stride, values_row,
                     values_col_stride, kcols, K, V, label, m, k_t, inv_t, log2_zt, log2_z1,
-                    c_p, log2_zp, s_p, coef_kl, coef_p1, coef_y, shift, BUCKET, SHARE_T1)
+                    c_p, log2_zp, s_p, coef_kl, coef_p1, coef_y, shift, BUCKET, T_IS_ONE)
             if ON_CHIP:
                 g = coef_e * e_t + (coef_p1 * inv_z1) * e_1 - shift
                 g -= tl.where(cols == label, coef_y, 0.0)
@@ -341,7 +343,7 @@ def _kd_topk_kernel(
                     s = tl.load(s_row + offs * student_col_stride, mask=mask,
                                 other=neg_inf).to(tl.float32)
                     e_t = tl.exp2((s - m) * k_t)
-                    if SHARE_T1:
+                    if T_IS_ONE:
                         e_1 = e_t
                     else:
                         e_1 = tl.exp2((s - m) * LOG2E)
@@ -360,7 +362,7 @@ def _kd_topk_kernel(
                         s_row, student_col_stride, ids_row, ids_col_stride, values_row,
                         values_col_stride, k0 + kcols, K, V, label, m, k_t, inv_t, log2_zt,
                         log2_z1, c_p, log2_zp, s_p, coef_kl, coef_p1, coef_y, shift,
-                        BUCKET, SHARE_T1)
+                        BUCKET, T_IS_ONE)
                     tl.store(g_row + ids_k * grad_col_stride,
                              g_k.to(grad_ptr.dtype.element_ty), mask=valid_k)
     else:
@@ -390,11 +392,7 @@ def topk_rows(
     grad_student: torch.Tensor | None,
     *,
     tail: str,
-    temperature: float,
-    alpha: float,
-    label_smoothing: float,
-    z_loss: float,
-    ignore_index: int,
+    options: LossOptions,
 ) -> None:
     """Fill row_stats (N, 4) and, when given, grad_student (N, V) with w * dloss/ds.
 
@@ -414,8 +412,7 @@ def topk_rows(
         # in place, they would read the gradient. Compute into a buffer, then copy.
         buffer = torch.empty_like(grad_student)
         topk_rows(student, ids, values, tail_logprob, labels, weight, row_stats, buffer,
-                  tail=tail, temperature=temperature, alpha=alpha,
-                  label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index)
+                  tail=tail, options=options)
         grad_student.copy_(buffer)
         return
     g = grad_student if grad_student is not None else row_stats
@@ -431,12 +428,13 @@ def topk_rows(
         row_stats, row_stats.stride(0),
         g, g.stride(0), g.stride(1),
         vocab, k,
-        float(temperature), float(alpha), float(label_smoothing), float(z_loss),
-        int(ignore_index),
+        options.temperature, options.alpha, options.label_smoothing, options.z_loss,
+        options.ignore_index,
         BUCKET=tail == "bucket",
         HAS_TAIL=tail_logprob is not None,
         HAS_LABELS=labels is not None,
-        SHARE_T1=float(temperature) == 1.0,
+        T_IS_ONE=options.temperature == 1.0,
+        SMOOTHING=labels is not None and options.label_smoothing > 0.0,
         STUDENT_GRAD=grad_student is not None,
         ON_CHIP=config["ON_CHIP"],
         BLOCK_V=config["BLOCK_V"],
@@ -473,9 +471,10 @@ def stand_in_launch(vocab: int, k: int, *, dtype=torch.bfloat16, tail: str = "bu
             torch.ones((), dtype=torch.float32),
             row_stats, row_stats.stride(0),
             grad, grad.stride(0), grad.stride(1),
-            vocab, k, temperature, 0.5, 0.0, 0.0, -100)
+            vocab, k, temperature, 0.5, 0.1 if has_labels else 0.0, 0.0, -100)
     kwargs = dict(BUCKET=tail == "bucket", HAS_TAIL=stored_tail, HAS_LABELS=has_labels,
-                  SHARE_T1=temperature == 1.0, STUDENT_GRAD=student_grad,
+                  T_IS_ONE=temperature == 1.0, SMOOTHING=has_labels,
+                  STUDENT_GRAD=student_grad,
                   ON_CHIP=config["ON_CHIP"], BLOCK_V=config["BLOCK_V"],
                   BLOCK_K=config["BLOCK_K"], SINGLE_K=k <= config["BLOCK_K"],
                   num_warps=config["num_warps"])

@@ -241,15 +241,39 @@ def test_all_rows_ignored(backend, reduction):
 # --- options -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
-def test_ce_options_and_components(backend, tail):
-    """label_smoothing and z_loss with labels, and z_loss without labels (all rows count)."""
-    student = make_logits((2, 2, ON_CHIP_V), seed=14)
-    ids, values, _ = _teacher((2, 2, ON_CHIP_V), 5, temperature=2.0, tail=tail, seed=3)
-    labels = make_labels((2, 2), ON_CHIP_V, seed=3, ignore_rows=(2,))
+@pytest.mark.parametrize(("vocab", "shift"), [(ON_CHIP_V, 0.0), (LOOP_V, 1e4)])
+def test_ce_options_and_components(backend, tail, vocab, shift):
+    """label_smoothing and z_loss with labels, z_loss without labels (every row counts), on
+    logits shifted by 1e4 (the smoothing sum is centred, so the shift costs no precision)."""
+    leading = (2, 2) if vocab == ON_CHIP_V else (2,)
+    student = make_logits((*leading, vocab), seed=14) + shift
+    ids, values, _ = _teacher((*leading, vocab), 5, temperature=2.0, tail=tail, seed=3)
+    labels = make_labels(leading, vocab, seed=3, ignore_rows=(2,) if len(leading) > 1 else ())
+    z_loss = 1e-3 if shift == 0.0 else 1e-9
     check_case(backend, student, ids, values, labels, tail=tail, temperature=2.0, alpha=0.4,
-               label_smoothing=0.1, z_loss=1e-3, reduction="mean", what="ce options")
-    check_case(backend, student, ids, values, tail=tail, temperature=2.0, z_loss=1e-2,
+               label_smoothing=0.1, z_loss=z_loss, reduction="mean", what="ce options")
+    check_case(backend, student, ids, values, tail=tail, temperature=2.0, z_loss=z_loss,
                reduction="sum", normalizer=3.0, what="no labels")
+
+
+def test_renormalize_with_ce_options_equals_dense_kd_loss(backend):
+    student = make_logits((3, ON_CHIP_V), seed=22).to(backend)
+    ids, values, logits = _teacher((3, ON_CHIP_V), 7, temperature=2.0, tail="renormalize")
+    dense = torch.full_like(logits, float("-inf")).scatter(-1, ids, values)
+    labels = make_labels((3,), ON_CHIP_V, seed=10).to(backend)
+    kwargs = dict(temperature=2.0, alpha=0.6, label_smoothing=0.2, z_loss=1e-3,
+                  return_components=True, reduction="none")
+    x = student.clone().requires_grad_(True)
+    mine = fastkd.topk_kd_loss(x, ids.to(backend), values.to(backend), labels, **kwargs)
+    mine.loss.sum().backward()
+    y = student.clone().requires_grad_(True)
+    theirs = fastkd.kd_loss(y, dense.to(backend), labels, **kwargs)
+    theirs.loss.sum().backward()
+    tol = tolerance(torch.float32, "loss", _backend())
+    for a, b in zip(mine, theirs, strict=True):
+        assert_close(a, b, tol, what="components vs kd_loss", scale_floor=1.0)
+    assert_close(x.grad, y.grad, tolerance(torch.float32, "grad", _backend()),
+                 what="grad vs kd_loss")
 
 
 def test_no_grad_forward_and_module(backend):
@@ -346,7 +370,7 @@ def test_bad_teacher_topk_arguments():
         fastkd.teacher_topk(logits, 2.0)
     with pytest.raises(TypeError, match=r"teacher_logits must be a floating"):
         fastkd.teacher_topk(logits.long(), 2)
-    with pytest.raises(ValueError, match=r"temperature must be > 0"):
+    with pytest.raises(ValueError, match=r"temperature must lie in"):
         fastkd.teacher_topk(logits, 2, temperature=0.0)
 
 
