@@ -367,7 +367,7 @@ def _kd_topk_kernel(
                              g_k.to(grad_ptr.dtype.element_ty), mask=valid_k)
     else:
         # Ignored row: zero statistics and gradient; nothing of the row is read.
-        for c in range(0, 4):
+        for c in tl.static_range(4):
             tl.store(st_row + c, tl.zeros((), stats_ptr.dtype.element_ty))
         _store_zero_grads(g_row, grad_col_stride, g_row, grad_col_stride, V,
                           STUDENT_GRAD, False, BLOCK_V)

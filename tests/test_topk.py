@@ -438,3 +438,32 @@ def test_empty_batch(backend):
     loss = fastkd.topk_kd_loss(student, ids, values)
     loss.backward()
     assert loss.item() == 0.0 and student.grad.shape == student.shape
+
+
+# --- torch.compile ----------------------------------------------------------------------------
+
+def _topk_step(head, hidden, ids, values, labels):
+    logits = head(hidden)
+    return fastkd.topk_kd_loss(logits, ids, values, labels, temperature=2.0, alpha=0.5,
+                               tail="bucket", label_smoothing=0.1)
+
+
+@pytest.mark.xfail(strict=True, reason="SavedGradientLoss's torch.func check "
+                   "(is_functorch_wrapped_tensor) does not trace under dynamo; kd_loss's "
+                   "compile test fails the same way. With it traced, this test passes.")
+def test_compiled_step_matches_eager(backend):
+    """The op traces with fullgraph=True (no graph break) and gives eager mode's loss and
+    gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, ON_CHIP_V).to(backend)
+    hidden = torch.randn(2, 3, 16, device=backend)
+    ids, values, _ = _teacher((2, 3, ON_CHIP_V), 5, temperature=2.0, tail="bucket")
+    labels = make_labels((2, 3), ON_CHIP_V, seed=11, ignore_rows=(1,)).to(backend)
+    results = []
+    for step in (_topk_step, torch.compile(_topk_step, fullgraph=True)):
+        head.zero_grad(set_to_none=True)
+        loss = step(head, hidden, ids.to(backend), values.to(backend), labels)
+        loss.backward()
+        results.append((loss.detach(), head.weight.grad.clone(), head.bias.grad.clone()))
+    for eager, compiled in zip(*results, strict=True):
+        assert_close(compiled, eager, Tol(1e-6, 1e-5), what="compiled vs eager")
