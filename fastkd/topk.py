@@ -23,10 +23,9 @@ from ._spec import (
     LossOptions,
     LossSpec,
     check_inplace_flag,
-    check_labels,
     check_logits,
     check_loss_options,
-    check_normalizer,
+    validate_kd_call,
 )
 from ._torch_backend import (
     RowState,
@@ -265,21 +264,14 @@ def _check_topk_inputs(student_logits, ids, values, tail, tail_logprob):
 
 def validate_topk_call(student_logits, ids, values, labels, *, tail, tail_logprob,
                        normalizer=None, **options) -> tuple[LossSpec, int]:
-    """Check one top-k loss call: (its spec, k). Errors name the argument."""
-    check_logits("student_logits", student_logits)
-    vocab_size = student_logits.shape[-1]
-    if vocab_size == 0:
-        raise ValueError("student_logits has an empty vocabulary (last dimension is 0)")
-    leading_shape = student_logits.shape[:-1]
-    check_labels(labels, leading_shape, student_logits.device)
-    loss_options = check_loss_options(has_labels=labels is not None, **options)
-    k = _check_topk_inputs(student_logits, ids, values, tail, tail_logprob)
-    spec = LossSpec(
-        options=loss_options, vocab_size=vocab_size, leading_shape=leading_shape,
-        has_labels=labels is not None,
-        normalizer=check_normalizer(normalizer, loss_options.reduction, student_logits.device),
-    )
-    return spec, k
+    """Check one top-k loss call: (its spec, k). Errors name the argument.
+
+    The student, labels, options and normalizer go through the dense loss's checks, with the
+    student standing in for the dense teacher (whose checks then hold trivially).
+    """
+    spec = validate_kd_call(student_logits, student_logits, labels, normalizer=normalizer,
+                            **options)
+    return spec, _check_topk_inputs(student_logits, ids, values, tail, tail_logprob)
 
 
 @dataclass(frozen=True)
@@ -467,14 +459,7 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1
     The top k is taken on the raw logits (dividing by T > 0 keeps the order) and the normaliser
     is a logsumexp over row chunks, so no (N, V) log-softmax is ever materialised.
     """
-    if not isinstance(teacher_logits, torch.Tensor):
-        raise TypeError("teacher_logits must be a torch.Tensor, got "
-                        f"{type(teacher_logits).__name__}")
-    if teacher_logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError("teacher_logits must be a floating tensor (float16, bfloat16, float32 or "
-                        f"float64), got {teacher_logits.dtype}")
-    if teacher_logits.dim() < 1:
-        raise ValueError("teacher_logits must have shape (..., vocab), got a 0-d tensor")
+    check_logits("teacher_logits", teacher_logits)
     vocab = teacher_logits.shape[-1]
     k = _check_int("k", k)
     if not 1 <= k <= vocab:
