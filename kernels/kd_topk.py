@@ -69,15 +69,14 @@ from .._spec import LossOptions
 from .kd_loss import (
     LN2,
     LOG2E,
-    LOOP_BLOCK_V,
-    LOOP_NUM_WARPS,
-    MAX_ON_CHIP_V,
     _row_label,
     _row_loss_terms,
     _safe_max,
     _store_zero_grads,
     forward_config,
 )
+
+__all__ = ["TAILS", "minimal_bytes", "stand_in_launch", "topk_config", "topk_rows"]
 
 # Entries per chunk: the k loops (statistics, fix-ups, membership) take the entries in chunks of
 # at most this many, so k is not limited by registers.
@@ -444,9 +443,6 @@ def topk_rows(
     )
 
 
-__all__ = ["topk_rows", "topk_config", "TAILS", "MAX_ON_CHIP_V", "LOOP_BLOCK_V",
-           "LOOP_NUM_WARPS"]
-
 
 def stand_in_launch(vocab: int, k: int, *, dtype=torch.bfloat16, tail: str = "bucket",
                     has_labels: bool = True, student_grad: bool = True,
@@ -479,3 +475,18 @@ def stand_in_launch(vocab: int, k: int, *, dtype=torch.bfloat16, tail: str = "bu
                   BLOCK_K=config["BLOCK_K"], SINGLE_K=k <= config["BLOCK_K"],
                   num_warps=config["num_warps"])
     return _kd_topk_kernel, args, kwargs
+
+
+def minimal_bytes(n_rows: int, counted_rows: int, vocab: int, k: int, *, element_size: int,
+                  id_size: int = 8, value_size: int = 4, student_grad: bool = True,
+                  label_size: int = 8) -> int:
+    """Bytes any correct top-k loss must move (the bandwidth denominator of a benchmark).
+
+    Read every counted row of the student and its k entries (an ignored row's loss and
+    gradient are known without reading them), write the gradient of every row (ignored rows'
+    zeros included) and read the labels: the 2-unit floor plus k * (id + value) bytes per row.
+    """
+    student_read = counted_rows * vocab * element_size
+    entries_read = counted_rows * k * (id_size + value_size)
+    gradient_write = n_rows * vocab * element_size if student_grad else 0
+    return student_read + entries_read + gradient_write + n_rows * label_size
