@@ -328,6 +328,9 @@ def _kd_topk_kernel(
                     s_row, student_col_stride, ids_row, ids_col_stride, values_row,
                     values_col_stride, kcols, K, V, label, m, k_t, inv_t, log2_zt, log2_z1,
                     c_p, log2_zp, s_p, coef_kl, coef_p1, coef_y, shift, BUCKET, T_IS_ONE)
+                # In place, another thread's dense store may hit a logit gathered here: every
+                # gather completes first.
+                tl.debug_barrier()
             if ON_CHIP:
                 g = coef_e * e_t + (coef_p1 * inv_z1) * e_1 - shift
                 g -= tl.where(cols == label, coef_y, 0.0)
