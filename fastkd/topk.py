@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from . import _ops
-from ._autograd import SavedGradientLoss, make_components, reduce_rows, reduction_weight
+from ._autograd import (
+    SavedGradientLoss,
+    make_components,
+    reduce_rows,
+    reduction_weight,
+    refuse_function_transforms,
+)
 from ._dense import can_hold_its_gradient
 from ._spec import (
     _FLOAT_DTYPES,
@@ -386,6 +392,7 @@ def topk_kd_loss(
     plan = TopKPlan(spec=spec, k=k, tail=tail,
                     student_grad=torch.is_grad_enabled() and student_logits.requires_grad,
                     inplace_backward=inplace_backward)
+    refuse_function_transforms(student_logits, teacher_topk_values)
     loss, components = SavedGradientLoss.apply(_run_topk, plan, student_logits, teacher_topk_ids,
                                                teacher_topk_values, teacher_tail_logprob, labels)
     if return_components:

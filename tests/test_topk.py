@@ -448,9 +448,6 @@ def _topk_step(head, hidden, ids, values, labels):
                                tail="bucket", label_smoothing=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="SavedGradientLoss's torch.func check "
-                   "(is_functorch_wrapped_tensor) does not trace under dynamo; kd_loss's "
-                   "compile test fails the same way. With it traced, this test passes.")
 def test_compiled_step_matches_eager(backend):
     """The op traces with fullgraph=True (no graph break) and gives eager mode's loss and
     gradients."""
@@ -467,3 +464,20 @@ def test_compiled_step_matches_eager(backend):
         results.append((loss.detach(), head.weight.grad.clone(), head.bias.grad.clone()))
     for eager, compiled in zip(*results, strict=True):
         assert_close(compiled, eager, Tol(1e-6, 1e-5), what="compiled vs eager")
+
+
+def test_backward_once_and_no_function_transforms(backend):
+    student = make_logits((3, ON_CHIP_V), seed=23).to(backend)
+    ids, values, _ = _teacher((3, ON_CHIP_V), 5, temperature=2.0, tail="bucket")
+    ids, values = ids.to(backend), values.to(backend)
+    x = student.clone().requires_grad_(True)
+    loss = fastkd.topk_kd_loss(x, ids, values, tail="bucket")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        loss.backward()
+    y = student.clone().requires_grad_(True)
+    loss = fastkd.topk_kd_loss(y, ids, values, tail="bucket")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, y, create_graph=True)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda s: fastkd.topk_kd_loss(s, ids, values))(student)
