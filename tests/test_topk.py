@@ -481,3 +481,18 @@ def test_backward_once_and_no_function_transforms(backend):
         torch.autograd.grad(loss, y, create_graph=True)
     with pytest.raises(RuntimeError, match="torch.func"):
         torch.func.grad(lambda s: fastkd.topk_kd_loss(s, ids, values))(student)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("student_grad", [False, True])
+def test_custom_op_passes_opcheck(tail, student_grad):
+    student = make_logits((6, 37), seed=24)
+    ids, values, _ = _teacher((6, 37), 4, temperature=2.0, tail=tail)
+    labels = make_labels((6,), 37, seed=12, ignore_rows=(2,))
+    tail_logprob = torch.full((6,), -3.0) if tail == "bucket" else None
+    grad_student = torch.empty(6, 37) if student_grad else None
+    torch.library.opcheck(
+        torch.ops.fastkd.topk_rows.default,
+        (student, ids, values, tail_logprob, labels, torch.tensor(1.0 / 5), torch.empty(6, 4),
+         grad_student, tail, 2.0, 0.5, 0.1, 0.01, -100),
+    )
