@@ -77,9 +77,10 @@ def _torch_topk_rows(student, ids, values, tail_logprob, labels, weight, row_sta
         in_range = (idx >= 0) & (idx < vocab)
         valid = live & in_range
         bad = (live & ~in_range).any(dim=1)
-        # Entries that are not valid point at an extra column V, so they touch nothing real.
+        # Entries that are not valid read column 0 (then discarded) and write to an extra
+        # column V, so they touch nothing real.
+        centred_k = torch.where(valid, centred.gather(1, torch.where(valid, idx, 0)), 0.0)
         safe_idx = torch.where(valid, idx, vocab)
-        centred_k = torch.cat([centred, centred.new_zeros(n, 1)], dim=1).gather(1, safe_idx)
         log_q = centred_k * inv_t - log_z_t[:, None]
         if tail == "bucket":
             p = torch.where(valid, v.exp(), 0.0)
