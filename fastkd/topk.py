@@ -130,8 +130,9 @@ def _torch_topk_rows(student, ids, values, tail_logprob, labels, weight, row_sta
 
         coef = gradient_coefficients(state, labels[rows] if labels is not None else None,
                                      weight, options)
-        # A row with an out-of-range id: NaN everywhere, as its loss.
-        poison = torch.where(bad, float("nan"), 0.0).to(cd)
+        # A row whose D is NaN (an out-of-range id, a renormalize row with no entry, a NaN
+        # value): NaN everywhere, as its loss.
+        poison = torch.where(d.isnan(), float("nan"), 0.0).to(cd)
         shift = coef.uniform - poison
         p_1 = e_1 / e_1.sum(dim=1, keepdim=True)
         g = torch.empty(n, vocab + 1, dtype=cd, device=s.device)

@@ -288,9 +288,10 @@ def _kd_topk_kernel(
             s_p = tl.full((), 1.0, tl.float32)
             p_tail = tl.zeros((), tl.float32)
             z_out = tl.full((), 1.0, tl.float32)
-        # Poison: NaN for a row with an out-of-range id (or label); added to every result.
-        poison = tl.where(n_bad > 0, float("nan"), 0.0)
-        d += poison
+        d = tl.where(n_bad > 0, float("nan"), d)
+        # Poison: NaN added to every gradient of a row whose D is NaN (an out-of-range id, a
+        # renormalize row with no entry, a NaN value), as its loss.
+        poison = tl.where(d != d, float("nan"), 0.0)
 
         row_loss, ce, lse, label_ok = _row_loss_terms(
             s_row, student_col_stride, label, V, m, log2_z1, sum_s, d, temperature, alpha,

@@ -496,3 +496,18 @@ def test_custom_op_passes_opcheck(tail, student_grad):
         (student, ids, values, tail_logprob, labels, torch.tensor(1.0 / 5), torch.empty(6, 4),
          grad_student, tail, 2.0, 0.5, 0.1, 0.01, -100),
     )
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_row_of_padding_only(backend, tail):
+    """No teacher entry: renormalize has no teacher (NaN loss and gradient, like kd_loss with an
+    all -inf teacher); bucket puts all of the teacher's mass in the tail (D = 0)."""
+    student = make_logits((3, ON_CHIP_V), seed=25)
+    ids, values, _ = _teacher((3, ON_CHIP_V), 5, temperature=1.0, tail=tail, seed=13)
+    values[1] = float("-inf")
+    loss, grad = check_case(backend, student, ids, values, tail=tail, reduction="none",
+                            what="padding only")
+    if tail == "renormalize":
+        assert loss[1].isnan() and grad[1].isnan().all()
+    else:
+        assert loss[1] == 0.0 and (grad[1].abs() < 1e-6).all()

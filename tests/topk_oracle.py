@@ -37,6 +37,9 @@ def row_truth(s_row, ids_row, values_row, tail_lp, label, *, tail, temperature, 
     if bool(((ids < 0) | (ids >= vocab)).any()):
         # A non-padding id outside the vocabulary: D (and so the loss) is NaN.
         d = torch.full((), float("nan"), dtype=torch.float64)
+    elif tail == "renormalize" and ids.numel() == 0:
+        # Every entry is padding: there is no teacher distribution to renormalise.
+        d = torch.full((), float("nan"), dtype=torch.float64)
     elif tail == "renormalize":
         teacher = torch.full((vocab,), float("-inf"), dtype=torch.float64)
         teacher[ids] = v / T
