@@ -48,8 +48,10 @@ the dense ones and no second dense pass is needed. Duplicate ids: the loss count
 (in bucket mode the membership mask counts the id once for q_tail); the gradient at a duplicated
 id is the value of one of its entries (which one is unspecified), not their sum.
 
-Invalid entries: a non-padding id outside [0, V) is never read; it makes the row's D NaN and
-its gradient NaN. An out-of-range label likewise makes CE and the gradient NaN.
+Invalid entries: a non-padding id outside [0, V) is never read; it makes the row's D NaN. A
+renormalize row whose entries are all padding has no teacher (D = 0/0, NaN, as kd_loss with an
+all -inf teacher); in bucket mode such a row puts all the teacher's mass in the tail (D = 0). A
+row whose D is NaN gets a NaN gradient; an out-of-range label makes CE and the gradient NaN.
 
 Memory traffic per row of V elements (e = element size of the logits), k entries of an id of
 b_i bytes and a value of b_v bytes:
