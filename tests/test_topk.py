@@ -42,7 +42,7 @@ def run_topk(student, ids, values, labels=None, *, grad_output=None, **kwargs):
     if grad_output is None:
         (out.loss if out.loss.dim() == 0 else out.loss.sum()).backward()
     else:
-        out.loss.backward(grad_output.to(out.loss.dtype))
+        out.loss.backward(grad_output.to(out.loss.device, out.loss.dtype))
     components = torch.stack([out.divergence, out.ce, out.lse_squared])
     return out.loss.detach(), components, x.grad
 
