@@ -452,7 +452,8 @@ class TopKKDLoss(nn.Module):
 
 # --- teacher_topk ----------------------------------------------------------------------------
 
-def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0):
+def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
+                 return_tail_logprob: bool = False):
     """The teacher's k most likely classes and their log-probabilities at `temperature`.
 
     Returns ``(ids, logprobs)``, both (..., k), largest first: ids int64, logprobs float32
@@ -460,8 +461,10 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1
 
         logprobs, ids = torch.log_softmax(teacher_logits.float() / T, -1).topk(k, dim=-1)
 
-    These are the values ``topk_kd_loss(..., tail="bucket", temperature=T)`` expects. The tail
-    mass is ``1 - logprobs.exp().sum(-1)``, or more accurately ``log1p(-exp(logsumexp(logprobs)))``.
+    These are the values ``topk_kd_loss(..., tail="bucket", temperature=T)`` expects. With
+    ``return_tail_logprob=True`` a third tensor (...) holds the log-probability of everything
+    outside the k ids, summed over that complement (not 1 - sum(p), which cancels when the top k
+    hold nearly all the mass): pass it as ``teacher_tail_logprob``. It is -inf when k = V.
     Ties may be broken differently from ``torch.topk`` on the log-probabilities. Entries of a row
     with fewer than k finite logits come back as -inf, which ``topk_kd_loss`` reads as padding.
 
@@ -474,12 +477,22 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1
     if not 1 <= k <= vocab:
         raise ValueError(f"k must lie in [1, vocab={vocab}], got {k}")
     temperature = check_loss_options(temperature=temperature, has_labels=None).temperature
+    if not isinstance(return_tail_logprob, bool):
+        raise TypeError("return_tail_logprob must be a bool, got "
+                        f"{type(return_tail_logprob).__name__}")
     out_dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
     flat = teacher_logits.reshape(-1, vocab)
     top, ids = torch.topk(flat, k, dim=-1, largest=True, sorted=True)
     lse = torch.empty(flat.shape[0], dtype=out_dtype, device=flat.device)
+    tail = torch.empty_like(lse) if return_tail_logprob else None
     for rows in _row_chunks(flat.shape[0], vocab):
-        lse[rows] = torch.logsumexp(flat[rows].to(out_dtype) / temperature, dim=-1)
-    logprobs = top.to(out_dtype) / temperature - lse[:, None]
+        scaled = flat[rows].to(out_dtype) / temperature
+        lse[rows] = torch.logsumexp(scaled, dim=-1)
+        if tail is not None:
+            tail[rows] = torch.logsumexp(scaled.scatter_(1, ids[rows], float("-inf")), dim=-1)
     leading = teacher_logits.shape[:-1]
-    return ids.reshape(*leading, k), logprobs.reshape(*leading, k)
+    logprobs = (top.to(out_dtype) / temperature - lse[:, None]).reshape(*leading, k)
+    ids = ids.reshape(*leading, k)
+    if tail is not None:
+        return ids, logprobs, (tail - lse).reshape(leading)
+    return ids, logprobs

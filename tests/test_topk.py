@@ -319,6 +319,29 @@ def test_teacher_topk_matches_log_softmax_topk(dtype):
     finite = logprobs.isfinite()
     assert (ids.sort(-1).values.diff(dim=-1) != 0).all()
     assert (logprobs.diff(dim=-1)[finite[..., 1:]] <= 0).all()
+    # The tail: everything outside the ids, summed over the complement.
+    same_ids, same_logprobs, tail = fastkd.teacher_topk(logits, 12, temperature=2.0,
+                                                        return_tail_logprob=True)
+    assert torch.equal(same_ids, ids) and torch.equal(same_logprobs, logprobs)
+    outside = torch.ones_like(full, dtype=torch.bool).scatter_(-1, ids, False)
+    expected_tail = torch.where(outside, full, float("-inf")).logsumexp(-1)
+    assert_close(tail, expected_tail, tol, what="teacher_topk tail", scale_floor=1.0)
+    _, _, no_tail = fastkd.teacher_topk(logits[..., :12], 12, return_tail_logprob=True)
+    assert torch.isneginf(no_tail).all()
+
+
+def test_teacher_topk_tail_feeds_the_bucket_loss(backend):
+    """A peaked teacher: the stored tail is exact where 1 - sum(p) has lost its digits."""
+    logits = make_logits((3, ON_CHIP_V), seed=26)
+    logits[:, :5] += 30.0
+    ids, logprobs, tail = fastkd.teacher_topk(logits, 5, return_tail_logprob=True)
+    full = torch.log_softmax(logits.double(), -1)
+    exact_tail = full[:, 5:].logsumexp(-1)
+    assert_close(tail, exact_tail, Tol(0.0, 1e-5), what="tiny tail log-prob")
+    assert (1.0 - logprobs.exp().sum(-1) <= 0.0).any()  # fp32 has lost the tail
+    student = make_logits((3, ON_CHIP_V), seed=27)
+    check_case(backend, student, ids, logprobs, tail_logprob=tail, tail="bucket",
+               what="teacher_topk tail")
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -372,6 +395,8 @@ def test_bad_teacher_topk_arguments():
         fastkd.teacher_topk(logits.long(), 2)
     with pytest.raises(ValueError, match=r"temperature must lie in"):
         fastkd.teacher_topk(logits, 2, temperature=0.0)
+    with pytest.raises(TypeError, match=r"return_tail_logprob must be a bool"):
+        fastkd.teacher_topk(logits, 2, return_tail_logprob=1)
 
 
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
