@@ -224,26 +224,26 @@ def _check_int(name: str, value) -> int:
     return value
 
 
-def _check_topk_inputs(student_logits, ids, values, tail, tail_logprob):
-    """Check the teacher's entries against the (already checked) student logits; returns k."""
+def _check_topk_inputs(leading, vocab, device, ids, values, tail, tail_logprob):
+    """Check the teacher's entries against the student's leading shape, vocabulary and device;
+    returns k."""
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    vocab = student_logits.shape[-1]
-    leading = tuple(student_logits.shape[:-1])
+    leading = tuple(leading)
     for name, tensor in (("teacher_topk_ids", ids), ("teacher_topk_values", values)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.device != student_logits.device:
-            raise ValueError(f"{name} must be on the logits' device {student_logits.device}, "
-                             f"got {tensor.device}")
+        if tensor.device != device:
+            raise ValueError(f"{name} must be on the student's device {device}, got "
+                             f"{tensor.device}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"teacher_topk_ids must be an int32 or int64 tensor, got {ids.dtype}")
     if values.dtype not in _FLOAT_DTYPES:
         raise TypeError("teacher_topk_values must be a floating tensor (float16, bfloat16, "
                         f"float32 or float64), got {values.dtype}")
     if ids.dim() != len(leading) + 1 or tuple(ids.shape[:-1]) != leading:
-        raise ValueError(f"teacher_topk_ids must have shape (*{leading}, k) for student logits "
-                         f"of shape {tuple(student_logits.shape)}, got {tuple(ids.shape)}")
+        raise ValueError(f"teacher_topk_ids must have shape (*{leading}, k) for the student's "
+                         f"leading shape {leading}, got {tuple(ids.shape)}")
     if values.shape != ids.shape:
         raise ValueError("teacher_topk_values must have the shape of teacher_topk_ids "
                          f"{tuple(ids.shape)}, got {tuple(values.shape)}")
@@ -262,11 +262,11 @@ def _check_topk_inputs(student_logits, ids, values, tail, tail_logprob):
             raise TypeError("teacher_tail_logprob must be a floating tensor, got "
                             f"{tail_logprob.dtype}")
         if tuple(tail_logprob.shape) != leading:
-            raise ValueError(f"teacher_tail_logprob must have the logits' leading shape {leading},"
-                             f" got {tuple(tail_logprob.shape)}")
-        if tail_logprob.device != student_logits.device:
-            raise ValueError("teacher_tail_logprob must be on the logits' device "
-                             f"{student_logits.device}, got {tail_logprob.device}")
+            raise ValueError("teacher_tail_logprob must have the student's leading shape "
+                             f"{leading}, got {tuple(tail_logprob.shape)}")
+        if tail_logprob.device != device:
+            raise ValueError("teacher_tail_logprob must be on the student's device "
+                             f"{device}, got {tail_logprob.device}")
     return k
 
 
@@ -279,7 +279,9 @@ def validate_topk_call(student_logits, ids, values, labels, *, tail, tail_logpro
     """
     spec = validate_kd_call(student_logits, student_logits, labels, normalizer=normalizer,
                             **options)
-    return spec, _check_topk_inputs(student_logits, ids, values, tail, tail_logprob)
+    k = _check_topk_inputs(spec.leading_shape, spec.vocab_size, student_logits.device, ids,
+                           values, tail, tail_logprob)
+    return spec, k
 
 
 @dataclass(frozen=True)
