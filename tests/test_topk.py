@@ -378,7 +378,7 @@ def test_bad_tail_options():
         fastkd.TopKKDLoss(tail="ghost")
     with pytest.raises(ValueError, match=r"needs tail='bucket'"):
         fastkd.topk_kd_loss(student, ids, values, teacher_tail_logprob=torch.zeros(2, 3))
-    with pytest.raises(ValueError, match=r"teacher_tail_logprob must have the logits' leading"):
+    with pytest.raises(ValueError, match=r"teacher_tail_logprob must have the student's leading"):
         fastkd.topk_kd_loss(student, ids, values, tail="bucket",
                             teacher_tail_logprob=torch.zeros(2))
 
