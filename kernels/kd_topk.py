@@ -78,31 +78,11 @@ from .kd_loss import (
     forward_config,
 )
 
-__all__ = ["TAILS", "minimal_bytes", "stand_in_launch", "topk_config", "topk_rows"]
+__all__ = ["minimal_bytes", "stand_in_launch", "topk_config", "topk_rows"]
 
 # Entries per chunk: the k loops (statistics, fix-ups, membership) take the entries in chunks of
 # at most this many, so k is not limited by registers.
 MAX_BLOCK_K = 1024
-TAILS = ("renormalize", "bucket")
-
-
-@triton.jit
-def _member_counts(ids_row, ids_col_stride, values_row, values_col_stride, K, start,
-                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """How many non-padding entries of the row fall on each column of the block at `start`."""
-    kcols = tl.arange(0, BLOCK_K)
-    counts = tl.zeros((BLOCK_V,), tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        koffs = k0 + kcols
-        kmask = koffs < K
-        v = tl.load(values_row + koffs * values_col_stride, mask=kmask,
-                    other=float("-inf")).to(tl.float32)
-        live = kmask & (v != float("-inf"))
-        ids = tl.load(ids_row + koffs * ids_col_stride, mask=live, other=0).to(tl.int64)
-        rel = ids - start
-        inside = live & (rel >= 0) & (rel < BLOCK_V)
-        counts += tl.histogram(tl.where(inside, rel, 0).to(tl.int32), BLOCK_V, mask=inside)
-    return counts
 
 
 @triton.jit
@@ -117,6 +97,22 @@ def _entries(ids_row, ids_col_stride, values_row, values_col_stride, koffs, kmas
     ids = tl.load(ids_row + koffs * ids_col_stride, mask=live, other=0).to(tl.int64)
     in_range = (ids >= 0) & (ids < V)
     return v, ids, live & in_range, live & (~in_range)
+
+
+@triton.jit
+def _member_counts(ids_row, ids_col_stride, values_row, values_col_stride, K, V, start,
+                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """How many valid entries of the row fall on each column of the block at `start`."""
+    kcols = tl.arange(0, BLOCK_K)
+    counts = tl.zeros((BLOCK_V,), tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        koffs = k0 + kcols
+        _, ids, valid, _ = _entries(ids_row, ids_col_stride, values_row, values_col_stride,
+                                    koffs, koffs < K, V)
+        rel = ids - start
+        inside = valid & (rel >= 0) & (rel < BLOCK_V)
+        counts += tl.histogram(tl.where(inside, rel, 0).to(tl.int32), BLOCK_V, mask=inside)
+    return counts
 
 
 @triton.jit
@@ -195,7 +191,7 @@ def _kd_topk_kernel(
             sum_s = tl.sum(tl.where(mask, s - m, 0.0), axis=0)
             if BUCKET:
                 counts = _member_counts(ids_row, ids_col_stride, values_row, values_col_stride,
-                                        K, 0, BLOCK_V, BLOCK_K)
+                                        K, V, 0, BLOCK_V, BLOCK_K)
                 outside = mask & (counts == 0)
                 z_out = tl.sum(tl.where(outside, e_t, 0.0), axis=0)
                 n_out = tl.sum(outside.to(tl.int32), axis=0)
@@ -226,7 +222,7 @@ def _kd_topk_kernel(
                         tl.where(mask, s - m_new, 0.0), axis=0)
                 if BUCKET:
                     counts = _member_counts(ids_row, ids_col_stride, values_row,
-                                            values_col_stride, K, start, BLOCK_V, BLOCK_K)
+                                            values_col_stride, K, V, start, BLOCK_V, BLOCK_K)
                     outside = mask & (counts == 0)
                     z_out = z_out * rescale_t + tl.sum(tl.where(outside, e_t, 0.0), axis=0)
                     n_out += tl.sum(outside.to(tl.int32), axis=0)
