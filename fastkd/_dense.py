@@ -55,16 +55,39 @@ def can_hold_its_gradient(student_2d: torch.Tensor, student_logits: torch.Tensor
     return True
 
 
+def rows_view(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(N, V) view of (..., V) logits, or a (B, L, V) view where flattening would copy.
+
+    Sliced batches such as ``logits[:, :-1]`` cannot be viewed as (N, V); the kernels read them
+    through their three strides instead, so the N x V logits are never copied.
+    """
+    try:
+        return logits.view(-1, vocab)
+    except RuntimeError:
+        if logits.dim() == 3:
+            return logits
+        return logits.reshape(-1, vocab)
+
+
 def _run_dense(plan: DensePlan, student_logits, teacher_logits, labels):
     spec, options = plan.spec, plan.spec.options
     vocab = spec.vocab_size
-    student_2d = student_logits.reshape(-1, vocab)
-    teacher_2d = teacher_logits.reshape(-1, vocab)
+    if plan.vocab_parallel:
+        student_2d = student_logits.reshape(-1, vocab)
+        teacher_2d = teacher_logits.reshape(-1, vocab)
+    else:
+        student_2d = rows_view(student_logits, vocab)
+        teacher_2d = rows_view(teacher_logits, vocab)
+        if student_2d.dim() != teacher_2d.dim():  # one sliced, one not: both as (B, L, V)
+            student_2d = student_2d.view(student_logits.shape) if student_2d.dim() == 2 \
+                else student_2d
+            teacher_2d = teacher_2d.view(teacher_logits.shape) if teacher_2d.dim() == 2 \
+                else teacher_2d
     labels_1d = labels.reshape(-1) if labels is not None else None
     device = student_logits.device
     weight = reduction_weight(labels_1d, options, spec.leading_shape, spec.normalizer, device,
                               _ops.loss_dtype(student_logits, teacher_logits))
-    inplace = (plan.inplace_backward and plan.student_grad
+    inplace = (plan.inplace_backward and plan.student_grad and student_2d.dim() == 2
                and can_hold_its_gradient(student_2d, student_logits))
     grad_student_out = student_2d if inplace else None
     if plan.vocab_parallel:

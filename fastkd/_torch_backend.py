@@ -368,8 +368,18 @@ def kd_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teac
             options: LossOptions) -> None:
     """The single-device loss: every step above with one shard, chunk by chunk.
 
-    Fills row_stats (N, NUM_ROW_STATS) and the gradients that are not None, in place.
+    Fills row_stats (N, NUM_ROW_STATS) and the gradients (N, V) that are not None, in place.
+    (B, L, V) logits go batch by batch, each an (L, V) view: nothing is copied to (N, V).
     """
+    if student.dim() == 3:
+        rows = student.shape[1]
+        for b in range(student.shape[0]):
+            flat = slice(b * rows, (b + 1) * rows)
+            kd_rows(student[b], teacher[b], labels[flat] if labels is not None else None,
+                    weight, row_stats[flat], grad_student[flat] if grad_student is not None
+                    else None, grad_teacher[flat] if grad_teacher is not None else None,
+                    options)
+        return
     n_rows, vocab = student.shape
     for rows in _row_chunks(n_rows, vocab):
         s, t = student[rows], teacher[rows]

@@ -110,7 +110,7 @@ def _vp_stats_kernel(
     temperature, ignore_index,
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
-    T_IS_ONE: tl.constexpr,
+    T_POWER: tl.constexpr,
     SMOOTHING: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -126,7 +126,7 @@ def _vp_stats_kernel(
         # The same sweep as kd_loss.py's first one, over this shard only.
         max_s, max_t, z_a, z_b, z_1, w_local, sum_s = _row_stats_sweep(
             s_row, student_col_stride, t_row, teacher_col_stride, V_local, k_t,
-            DIVERGENCE, T_IS_ONE, SMOOTHING, BLOCK_V,
+            DIVERGENCE, T_POWER, SMOOTHING, BLOCK_V,
         )
         label_logit = tl.zeros((), tl.float32)
         hit = tl.zeros((), tl.float32)
@@ -171,7 +171,7 @@ def _vp_rows_kernel(
     SUMS: tl.constexpr,  # kernel 2 (shard sums of D, A, B) rather than kernel 3 (gradients)
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
-    T_IS_ONE: tl.constexpr,
+    T_POWER: tl.constexpr,
     SMOOTHING: tl.constexpr,
     STUDENT_GRAD: tl.constexpr,
     TEACHER_GRAD: tl.constexpr,
@@ -211,7 +211,7 @@ def _vp_rows_kernel(
                 tl.load(state + 6), tl.load(state + 7), inv_t, lam, log_lam, log_1m_lam,
                 tl.load(state + 8), tl.load(state + 9), tl.load(state + 10),
                 tl.load(state + 11),
-                DIVERGENCE, T_IS_ONE, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD,
+                DIVERGENCE, T_POWER, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD,
                 BLOCK_V,
             )
     elif SUMS:
