@@ -22,7 +22,7 @@ from ._autograd import (
     reduction_weight,
     refuse_function_transforms,
 )
-from ._dense import can_hold_its_gradient
+from ._dense import can_hold_its_gradient, rows_view
 from ._spec import (
     _FLOAT_DTYPES,
     NUM_ROW_STATS,
@@ -57,6 +57,17 @@ def _torch_topk_rows(student, ids, values, tail_logprob, labels, weight, row_sta
     (fastkd._torch_backend.row_statistics / gradient_coefficients) on a row state whose
     divergence is the top-k one.
     """
+    if student.dim() == 3:  # (B, L, V): batch by batch, each an (L, V) view, nothing copied
+        length = student.shape[1]
+        for b in range(student.shape[0]):
+            flat = slice(b * length, (b + 1) * length)
+            _torch_topk_rows(
+                student[b], ids[flat], values[flat],
+                tail_logprob[flat] if tail_logprob is not None else None,
+                labels[flat] if labels is not None else None, weight, row_stats[flat],
+                grad_student[flat] if grad_student is not None else None, tail=tail,
+                options=options)
+        return
     n_rows, vocab = student.shape
     cd = row_stats.dtype  # fp32, or fp64 for fp64 inputs
     inv_t = 1.0 / options.temperature
@@ -183,8 +194,9 @@ def topk_rows(
 ) -> None:
     """(N, V) student logits and (N, k) teacher entries -> row_stats (N, 4) and w * dloss/ds.
 
-    row_stats columns: loss, divergence, ce, lse^2 (fastkd._spec.ROW_*). grad_student None: not
-    computed; it may be the student logits themselves (in place, eager mode).
+    student (N, V) or (B, L, V) with N = B L. row_stats columns: loss, divergence, ce, lse^2
+    (fastkd._spec.ROW_*). grad_student None: not computed; it may be the student logits
+    themselves (in place, eager mode).
     """
     options = LossOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
                           z_loss=z_loss, ignore_index=ignore_index)
@@ -200,15 +212,18 @@ def _(*args):
 def topk_rows_into(student_2d, ids_2d, values_2d, tail_1d, labels_1d, weight,
                    options: LossOptions, tail: str, *, student_grad: bool,
                    grad_student_out=None):
-    """Allocate the outputs of topk_rows and run it: (row_stats (N, 4), grad_student or None)."""
-    n_rows = student_2d.shape[0]
+    """Allocate the outputs of topk_rows and run it: (row_stats (N, 4), grad_student or None).
+
+    student_2d is (N, V), or (B, L, V) where flattening would copy (fastkd._dense.rows_view).
+    """
+    n_rows = ids_2d.shape[0]
     row_stats = student_2d.new_empty((n_rows, NUM_ROW_STATS),
                                      dtype=compute_dtype(student_2d, values_2d))
     grad_student = None
     if student_grad:
         grad_student = grad_student_out
         if grad_student is None:
-            grad_student = torch.empty_like(student_2d, memory_format=torch.contiguous_format)
+            grad_student = student_2d.new_empty((n_rows, student_2d.shape[-1]))
     if n_rows > 0:
         topk_rows(student_2d, ids_2d, values_2d, tail_1d, labels_1d, weight, row_stats,
                   grad_student, tail, options.temperature, options.alpha,
@@ -296,11 +311,11 @@ class TopKPlan:
 
 def _run_topk(plan: TopKPlan, student_logits, ids, values, tail_logprob, labels):
     spec, options = plan.spec, plan.spec.options
-    student_2d = student_logits.reshape(-1, spec.vocab_size)
+    student_2d = rows_view(student_logits, spec.vocab_size)
     labels_1d = labels.reshape(-1) if labels is not None else None
     weight = reduction_weight(labels_1d, options, spec.leading_shape, spec.normalizer,
                               student_logits.device, compute_dtype(student_logits, values))
-    inplace = (plan.inplace_backward and plan.student_grad
+    inplace = (plan.inplace_backward and plan.student_grad and student_2d.dim() == 2
                and can_hold_its_gradient(student_2d, student_logits))
     row_stats, grad_student = topk_rows_into(
         student_2d, ids.reshape(-1, plan.k), values.reshape(-1, plan.k),

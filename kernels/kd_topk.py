@@ -71,6 +71,7 @@ from .._spec import LossOptions
 from .kd_loss import (
     LN2,
     LOG2E,
+    _batched_strides,
     _row_label,
     _row_loss_terms,
     _safe_max,
@@ -140,7 +141,10 @@ def _entry_grads(s_row, student_col_stride, ids_row, ids_col_stride, values_row,
 
 @triton.jit
 def _kd_topk_kernel(
-    student_ptr, student_row_stride, student_col_stride,  # (N, V) logits, any dtype/strides
+    # Student logits as (B, L, V) with any strides and dtype (N = B L rows; 2-D inputs are
+    # B = 1): a sliced batch such as logits[:, :-1] is read in place, never copied first.
+    student_ptr, student_batch_stride, student_row_stride, student_col_stride,
+    rows_per_batch,  # L
     ids_ptr, ids_row_stride, ids_col_stride,  # (N, k) int32/int64 teacher ids
     values_ptr, values_row_stride, values_col_stride,  # (N, k) teacher values, any float dtype
     tail_ptr, tail_stride,  # (N,) teacher tail log-probs; unused without HAS_TAIL
@@ -162,7 +166,9 @@ def _kd_topk_kernel(
     SINGLE_K: tl.constexpr,  # K <= BLOCK_K: the entries fit in one chunk
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: N * V can exceed 2^31
-    s_row = student_ptr + row * student_row_stride
+    batch = row // rows_per_batch
+    s_row = student_ptr + batch * student_batch_stride + (
+        row - batch * rows_per_batch) * student_row_stride
     ids_row = ids_ptr + row * ids_row_stride
     values_row = values_ptr + row * values_row_stride
     g_row = grad_ptr + row * grad_row_stride
@@ -397,11 +403,12 @@ def topk_rows(
 ) -> None:
     """Fill row_stats (N, 4) and, when given, grad_student (N, V) with w * dloss/ds.
 
-    student (N, V), ids and values (N, k), tail_logprob and labels (N,) or None, weight 0-d.
+    student (N, V) or (B, L, V) with N = B L, ids and values (N, k), tail_logprob and labels
+    (N,) or None, weight 0-d.
     Arguments are assumed validated (fastkd.topk); any strides. grad_student may be student.
     """
-    n_rows, vocab = student.shape
-    k = ids.shape[1]
+    n_rows, k = ids.shape
+    vocab = student.shape[-1]
     if n_rows == 0:
         return
     if row_stats.stride(1) != 1:
@@ -420,7 +427,8 @@ def topk_rows(
     tail_t = tail_logprob if tail_logprob is not None else row_stats
     lab = labels if labels is not None else row_stats
     _kd_topk_kernel[(n_rows,)](
-        student, student.stride(0), student.stride(1),
+        student, *_batched_strides(student),
+        student.shape[1] if student.dim() == 3 else n_rows,
         ids, ids.stride(0), ids.stride(1),
         values, values.stride(0), values.stride(1),
         tail_t, tail_logprob.stride(0) if tail_logprob is not None else 0,
@@ -461,7 +469,7 @@ def stand_in_launch(vocab: int, k: int, *, dtype=torch.bfloat16, tail: str = "bu
     config = topk_config(vocab, k)
     tail_t = tail_logprob if tail_logprob is not None else row_stats
     lab = labels if labels is not None else row_stats
-    args = (student, student.stride(0), student.stride(1),
+    args = (student, *_batched_strides(student), n_rows,
             ids, ids.stride(0), ids.stride(1),
             values, values.stride(0), values.stride(1),
             tail_t, tail_logprob.stride(0) if tail_logprob is not None else 0,

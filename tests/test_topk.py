@@ -445,6 +445,18 @@ def test_strided_inputs(backend):
                reduction="none", what="strided")
 
 
+@pytest.mark.parametrize("vocab", [ON_CHIP_V, LOOP_V])
+def test_sliced_batch_is_read_in_place(backend, vocab):
+    """logits[:, :-1] (a causal LM's shift) cannot be viewed as (N, V): the kernel reads it
+    through its (B, L, V) strides."""
+    full = make_logits((2, 3, vocab), seed=28)
+    student = full[:, :-1]
+    ids, values, _ = _teacher((2, 2, vocab), 5, temperature=2.0, tail="bucket", seed=14)
+    labels = make_labels((2, 2), vocab, seed=15, ignore_rows=(1,))
+    check_case(backend, student, ids, values, labels, tail="bucket", temperature=2.0,
+               label_smoothing=0.1, what="sliced batch")
+
+
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 def test_nan_logits_propagate(backend, tail):
     student = make_logits((3, ON_CHIP_V), seed=21)
