@@ -20,7 +20,7 @@ from ._autograd import (
     reduction_weight,
     refuse_function_transforms,
 )
-from ._spec import ONLINE_DIVERGENCES, LossSpec
+from ._spec import LossSpec
 
 
 @dataclass(frozen=True)
@@ -126,16 +126,13 @@ def _vocab_parallel_rows(plan: DensePlan, student, teacher, labels, weight, grad
     """The shard steps with the group's collectives in between (O(N) floats each)."""
     from .distributed import all_gather_rows
 
-    options = plan.spec.options
-    backend = _vocab_parallel_backend(student.device)
-    stats = backend.shard_stats(student, teacher, labels, vocab_start=plan.vocab_start,
-                                options=options)
-    state = _torch_backend.combine_stats(all_gather_rows(stats, plan.group), options)
-    sums = None
-    if options.divergence_id not in ONLINE_DIVERGENCES:
-        sums = backend.shard_divergence_sums(state, student, teacher, options)
+    def gather_stats(stats):
+        return all_gather_rows(stats, plan.group).flatten(0, 1)
+
+    def reduce_sums(sums):
         torch.distributed.all_reduce(sums, group=plan.group)
-    row_stats, a_sum, b_sum = _torch_backend.row_statistics(state, sums, labels, options)
+        return sums
+
     grad_student = grad_teacher = None
     if plan.student_grad:
         grad_student = grad_student_out
@@ -143,10 +140,10 @@ def _vocab_parallel_rows(plan: DensePlan, student, teacher, labels, weight, grad
             grad_student = torch.empty_like(student, memory_format=torch.contiguous_format)
     if plan.teacher_grad:
         grad_teacher = torch.empty_like(teacher, memory_format=torch.contiguous_format)
-    if grad_student is not None or grad_teacher is not None:
-        backend.shard_grads(state, a_sum, b_sum, student, teacher, labels, weight, options,
-                            vocab_start=plan.vocab_start, grad_student=grad_student,
-                            grad_teacher=grad_teacher)
+    row_stats = _torch_backend.run_shard_steps(
+        _vocab_parallel_backend(student.device), student, teacher, labels, weight,
+        plan.spec.options, vocab_start=plan.vocab_start, gather_stats=gather_stats,
+        reduce_sums=reduce_sums, grad_student=grad_student, grad_teacher=grad_teacher)
     return row_stats, grad_student, grad_teacher
 
 

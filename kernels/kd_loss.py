@@ -58,10 +58,13 @@ reuses the CE softmax. The (N, 4) row statistics (loss, D, CE, lse^2) cost 16 by
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from .. import _torch_backend
 from .._spec import LossOptions
 from .divergences import FORWARD_KL, REVERSE_KL, divergence_terms, online_row_sums
 
@@ -292,21 +295,23 @@ def _divergence_sums_sweep(
 def _block_grads(
     s, t, p, q, p_1, a, b, cols, label, m_s, m_t, log2_za, log2_zb, divergence, a_sum, b_sum,
     inv_t, coef_div, coef_p1, coef_label, coef_uniform,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, SMOOTHING: tl.constexpr,
-    TEACHER_GRAD: tl.constexpr,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, ONEHOT: tl.constexpr,
+    SMOOTHING: tl.constexpr, TEACHER_GRAD: tl.constexpr,
 ):
     """w * dloss/ds and w * dloss/dt of one block from the row's final statistics.
 
     coef_div = w a T, coef_p1 = w ((1 - a) + 2 z lse), coef_label = w (1 - a)(1 - eps),
     coef_uniform = w (1 - a) eps / V; a and b are the divergence terms of the block (unused for
-    forward KL, whose gradient is the plain q - p).
+    forward KL, whose gradient is the plain q - p). ONEHOT subtracts coef_label at the label's
+    column here; without it the caller stores that one element itself.
     """
     if DIVERGENCE == FORWARD_KL:
         grad_s = coef_div * (q - p) + coef_p1 * p_1
     else:
         grad_s = coef_div * (a - tl.where(q == 0.0, 0.0, q * a_sum)) + coef_p1 * p_1
     if HAS_LABELS:
-        grad_s -= tl.where(cols == label, coef_label, 0.0)
+        if ONEHOT:
+            grad_s -= tl.where(cols == label, coef_label, 0.0)
         if SMOOTHING:
             grad_s -= coef_uniform
     if TEACHER_GRAD:
@@ -321,23 +326,14 @@ def _block_grads(
 
 
 @triton.jit
-def _grad_block(
-    s_row, student_col_stride, t_row, teacher_col_stride,
-    gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, mask, label,
-    m_s, m_t, log2_za, log2_zb, log2_z1, p1_scale, divergence, a_sum, b_sum, inv_t, k_t,
-    lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+def _grad_values(
+    s, t, offs, label, m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
+    k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
     DIVERGENCE: tl.constexpr, T_POWER: tl.constexpr, HAS_LABELS: tl.constexpr,
-    SMOOTHING: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
-    MASKED: tl.constexpr,
+    ONEHOT: tl.constexpr, SMOOTHING: tl.constexpr, TEACHER_GRAD: tl.constexpr,
 ):
-    """Load one block, compute its gradients from the row's statistics, store them."""
-    neg_inf = float("-inf")
-    if MASKED:
-        s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-        t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-    else:
-        s = tl.load(s_row + offs * student_col_stride).to(tl.float32)
-        t = tl.load(t_row + offs * teacher_col_stride).to(tl.float32)
+    """Gradients of a block (or one element) of logits from the row's statistics. For
+    T_POWER >= 2 coef_p1 already carries the CE softmax's scale (see _grad_sweep)."""
     if DIVERGENCE == FORWARD_KL:
         q = tl.exp2((s - m_s) * k_t - log2_za)
         p = tl.exp2((t - m_t) * k_t - log2_zb)
@@ -351,12 +347,36 @@ def _grad_block(
     elif T_POWER == 0:
         p_1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
     else:
-        # p_s = exp(d)/Z_1 = (q Z_a)^T / Z_1 = q^T (Z_a^T / Z_1); p1_scale = Z_a^T / Z_1 >= 1.
-        p_1 = _power(q, T_POWER) * p1_scale
-    grad_s, grad_t = _block_grads(
+        p_1 = _power(q, T_POWER)
+    return _block_grads(
         s, t, p, q, p_1, a, b, offs, label, m_s, m_t, log2_za, log2_zb, divergence, a_sum,
         b_sum, inv_t, coef_div, coef_p1, coef_label, coef_uniform,
-        DIVERGENCE, HAS_LABELS, SMOOTHING, TEACHER_GRAD,
+        DIVERGENCE, HAS_LABELS, ONEHOT, SMOOTHING, TEACHER_GRAD,
+    )
+
+
+@triton.jit
+def _grad_block(
+    s_row, student_col_stride, t_row, teacher_col_stride,
+    gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, mask, label,
+    m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t, k_t,
+    lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+    DIVERGENCE: tl.constexpr, T_POWER: tl.constexpr, HAS_LABELS: tl.constexpr,
+    SMOOTHING: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Load one block, compute its gradients (without the one-hot term), store them."""
+    neg_inf = float("-inf")
+    if MASKED:
+        s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+        t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+    else:
+        s = tl.load(s_row + offs * student_col_stride).to(tl.float32)
+        t = tl.load(t_row + offs * teacher_col_stride).to(tl.float32)
+    grad_s, grad_t = _grad_values(
+        s, t, offs, label, m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
+        k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+        DIVERGENCE, T_POWER, HAS_LABELS, False, SMOOTHING, TEACHER_GRAD,
     )
     if STUDENT_GRAD:
         if MASKED:
@@ -389,17 +409,27 @@ def _grad_sweep(
     """
     cols = tl.arange(0, BLOCK_V)
     k_t = inv_t * LOG2E
-    # The label as an int32 column: one 32-bit compare per element. A label outside [0, V)
-    # may wrap onto a column, but such a row's gradient is NaN anyway (coef_p1).
-    label_col = label.to(tl.int32)
-    p1_scale = tl.exp2(T_POWER * log2_za - log2_z1)
+    if T_POWER >= 2:
+        # p_s = exp(d) / Z_1 = (q Z_a)^T / Z_1 = q^T (Z_a^T / Z_1): the row constant goes into
+        # the coefficient, so a block spends no exp2 and no multiply on it.
+        coef_p1 = coef_p1 * tl.exp2(T_POWER * log2_za - log2_z1)
+    FIX_LABEL: tl.constexpr = HAS_LABELS and STUDENT_GRAD
+    if FIX_LABEL:
+        # The one-hot term: instead of a compare and select per element, the label's element is
+        # stored once more, with it, after the sweep. Its logits are read first: the sweep may
+        # write the gradient over them (in place).
+        label_in_range = (label >= 0) & (label < V)
+        s_label = tl.load(s_row + label * student_col_stride, mask=label_in_range,
+                          other=0.0).to(tl.float32)
+        t_label = tl.load(t_row + label * teacher_col_stride, mask=label_in_range,
+                          other=0.0).to(tl.float32)
     full_blocks = V // BLOCK_V
     if full_blocks * BLOCK_V < V:
         offs = full_blocks * BLOCK_V + cols
         _grad_block(
             s_row, student_col_stride, t_row, teacher_col_stride,
-            gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, offs < V, label_col,
-            m_s, m_t, log2_za, log2_zb, log2_z1, p1_scale, divergence, a_sum, b_sum, inv_t,
+            gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, offs < V, label,
+            m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
             k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
             DIVERGENCE, T_POWER, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD, True,
         )
@@ -407,11 +437,21 @@ def _grad_sweep(
         offs = (full_blocks - 1 - k) * BLOCK_V + cols
         _grad_block(
             s_row, student_col_stride, t_row, teacher_col_stride,
-            gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, offs < V, label_col,
-            m_s, m_t, log2_za, log2_zb, log2_z1, p1_scale, divergence, a_sum, b_sum, inv_t,
+            gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, offs < V, label,
+            m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
             k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
             DIVERGENCE, T_POWER, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD, False,
         )
+    if FIX_LABEL:
+        grad_label, _ = _grad_values(
+            s_label, t_label, label, label, m_s, m_t, log2_za, log2_zb, log2_z1, divergence,
+            a_sum, b_sum, inv_t, k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label,
+            coef_uniform, DIVERGENCE, T_POWER, HAS_LABELS, True, SMOOTHING, False,
+        )
+        # Orders this store after the sweep's store of the same element by another thread.
+        tl.debug_barrier()
+        tl.store(gs_row + label * grad_s_col_stride, grad_label.to(gs_row.dtype.element_ty),
+                 mask=label_in_range)
 
 
 @triton.jit
@@ -592,7 +632,7 @@ def _kd_loss_fwd_kernel(
                 grad_s, grad_t = _block_grads(
                     s, t, p, q, e_1 * (1.0 / z_1), a, b, cols, label, m_s, m_t, log2_za,
                     log2_zb, divergence, a_sum, b_sum, inv_t, coef_div, coef_p1, coef_label,
-                    coef_uniform, DIVERGENCE, HAS_LABELS, SMOOTHING, TEACHER_GRAD,
+                    coef_uniform, DIVERGENCE, HAS_LABELS, True, SMOOTHING, TEACHER_GRAD,
                 )
                 if STUDENT_GRAD:
                     tl.store(gs_row + cols * grad_s_col_stride,
@@ -672,6 +712,56 @@ def _batched_strides(logits: torch.Tensor):
     return 0, logits.stride(0), logits.stride(1)
 
 
+LONG_ROW_STRATEGIES = ("auto", "loop", "two_launch", "split")
+# Columns per slice of the split-row strategies: the on-chip row size, so that a slice stays in
+# registers in `split` (and the slices of `two_launch` run the same number of blocks).
+SPLIT_SLICE_V = MAX_ON_CHIP_V
+# What `auto` selects per vocabulary for long rows, from a GPU run of benchmarks/gpu_check.sh
+# (benchmarks/results/); without a measured table it keeps the two-sweep loop.
+AUTO_LONG_ROWS: dict = {}
+
+
+def long_row_strategy(device: torch.device, vocab: int) -> str:
+    """The strategy for rows longer than MAX_ON_CHIP_V, from FASTKD_LONG_ROWS.
+
+    loop: the two-sweep kernel. two_launch: a statistics launch over (row, slice), the
+    combination, a gradient launch over (row, slice); runs everywhere. split: one cooperative
+    persistent launch that keeps each slice on chip (CUDA only). auto: the measured selection.
+    """
+    choice = os.environ.get("FASTKD_LONG_ROWS", "auto").strip().lower() or "auto"
+    if choice not in LONG_ROW_STRATEGIES:
+        raise ValueError(f"FASTKD_LONG_ROWS must be one of {LONG_ROW_STRATEGIES}, got {choice!r}")
+    if choice == "auto":
+        choice = AUTO_LONG_ROWS.get(vocab, "loop")
+    if choice == "split" and device.type != "cuda":
+        raise RuntimeError(
+            "FASTKD_LONG_ROWS=split needs CUDA tensors: its slices wait for each other, which "
+            "Triton's interpreter (one program after another) cannot run; use two_launch"
+        )
+    return choice
+
+
+def _two_launch_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teacher,
+                     options: LossOptions) -> None:
+    """Long rows as SPLIT_SLICE_V-column slices: the vocab-parallel shard steps on one device,
+    the slices standing in for the shards (the same kernels and the same combination)."""
+    from . import kd_vocab_parallel
+
+    if student.dim() == 3:
+        rows = student.shape[1]
+        for b in range(student.shape[0]):
+            flat = slice(b * rows, (b + 1) * rows)
+            _two_launch_rows(student[b], teacher[b], labels[flat] if labels is not None else None,
+                             weight, row_stats[flat],
+                             grad_student[flat] if grad_student is not None else None,
+                             grad_teacher[flat] if grad_teacher is not None else None, options)
+        return
+    row_stats.copy_(_torch_backend.run_shard_steps(
+        kd_vocab_parallel, student, teacher, labels, weight, options, vocab_start=0,
+        gather_stats=lambda stats: stats, reduce_sums=lambda sums: sums,
+        grad_student=grad_student, grad_teacher=grad_teacher, slice_cols=SPLIT_SLICE_V))
+
+
 def kd_rows(student_logits, teacher_logits, labels, weight, row_stats, grad_student,
             grad_teacher, options: LossOptions) -> None:
     """Launch the fused forward on (N, V) or (B, L, V) logits, filling the caller's outputs.
@@ -681,6 +771,18 @@ def kd_rows(student_logits, teacher_logits, labels, weight, row_stats, grad_stud
     """
     vocab = student_logits.shape[-1]
     n_rows = row_stats.shape[0]
+    if vocab > MAX_ON_CHIP_V:
+        strategy = long_row_strategy(student_logits.device, vocab)
+        if strategy == "two_launch":
+            _two_launch_rows(student_logits, teacher_logits, labels, weight, row_stats,
+                             grad_student, grad_teacher, options)
+            return
+        if strategy == "split":
+            from .kd_split import split_rows
+
+            split_rows(student_logits, teacher_logits, labels, weight, row_stats, grad_student,
+                       grad_teacher, options)
+            return
     rows_per_batch = student_logits.shape[1] if student_logits.dim() == 3 else n_rows
     if n_rows == 0:
         return
