@@ -94,6 +94,9 @@ class Case:
     divergence: str = "forward_kl"
     label_smoothing: float = 0.0
     per_row_scale: bool = False  # scale_rows: grad_output with one value per row ("none")
+    k: int = 0  # top-k teachers: entries per row
+    tail: str = "bucket"  # top-k teachers: "bucket" or "renormalize"
+    stored_tail: bool = False  # top-k teachers: a stored tail log-prob per row
 
     @property
     def temperature_is_one(self) -> bool:
@@ -205,6 +208,21 @@ def _launch_vp_grads(case: Case) -> None:
                                   grad_teacher=grad_teacher)
 
 
+def _launch_kd_topk(case: Case) -> None:
+    import torch
+
+    from fastkd._spec import NUM_ROW_STATS
+    from fastkd.kernels import kd_topk
+
+    student, _, labels, weight, grad_student, _ = _stand_in_rows(case)
+    ids = torch.zeros(STAND_IN_ROWS, case.k, dtype=torch.int64)
+    values = torch.zeros(STAND_IN_ROWS, case.k, dtype=student.dtype)
+    tail_logprob = torch.zeros(STAND_IN_ROWS) if case.stored_tail else None
+    row_stats = torch.empty(STAND_IN_ROWS, NUM_ROW_STATS, dtype=torch.float32)
+    kd_topk.topk_rows(student, ids, values, tail_logprob, labels, weight, row_stats,
+                      grad_student, tail=case.tail, options=case.options())
+
+
 def _launch_scale_rows(case: Case) -> None:
     import torch
 
@@ -300,6 +318,30 @@ KERNELS: dict[str, Kernel] = {
         full=_FULL,
         core=(_CORE_TRAINING,),
     ),
+    # Sparse teachers: k stored (id, value) entries per row against the dense student.
+    "kd_topk": Kernel(
+        jit="fastkd.kernels.kd_topk:_kd_topk_kernel",
+        launch=_launch_kd_topk,
+        axes={"dtype": DTYPES, "vocab": ("on-chip 8192", "LLM"), "has_labels": (True, False),
+              "grads": ((True, False), (False, False)), "temperature": (2.0, 1.0),
+              "k": (64, 2048), "tail": ("bucket", "renormalize"), "stored_tail": (False, True)},
+        vocab_classes={"on-chip 8192": 8000, "LLM": 32000},
+        full=({"has_labels": (True,), "grads": ((True, False),), "stored_tail": (False,)},
+              {"k": (64,), "tail": ("bucket",), "temperature": (2.0,)}),
+        # Both tails on the 8192 class; one chunk of entries (k = 64) at T = 2 and T = 1 and
+        # several chunks (k = 2048) on the loop.
+        core=({"dtype": ("bf16",), "vocab": ("on-chip 8192",), "has_labels": (True,),
+               "grads": ((True, False),), "temperature": (2.0,), "k": (64,),
+               "stored_tail": (False,)},
+              {"dtype": ("bf16",), "vocab": ("LLM",), "has_labels": (True,),
+               "grads": ((True, False),), "k": (64,), "tail": ("bucket",),
+               "stored_tail": (False,)},
+              {"dtype": ("fp32",), "vocab": ("LLM",), "has_labels": (True,),
+               "grads": ((True, False),), "temperature": (2.0,), "k": (2048,),
+               "tail": ("renormalize",), "stored_tail": (False,)}),
+        long_rows=lambda constexprs: not constexprs["ON_CHIP"],
+        default=lambda vocab_class: vocab_class == "LLM",
+    ),
     # Backward: the saved gradient times grad_output (skipped on the device when it is 1).
     "scale_rows": Kernel(
         jit="fastkd.kernels.kd_loss:_scale_rows_kernel",
@@ -335,6 +377,8 @@ class Config:
             parts.append(case.divergence)
         if case.label_smoothing:
             parts.append(f"smoothing={case.label_smoothing:g}")
+        if case.k:
+            parts.append(f"k={case.k} {case.tail}" + (" stored-tail" if case.stored_tail else ""))
         return " ".join(parts)
 
     def to_dict(self) -> dict:
@@ -381,9 +425,14 @@ def shipped_configs(archs=("sm_80", "sm_90a"), dtypes=DTYPES, scope: str = "full
 
 # ----- capture, compile, analyse -----
 
+class _Captured(Exception):
+    """Raised out of the launcher once the kernel of interest has been captured."""
+
+
 @contextlib.contextmanager
-def _captured_launches():
-    """Within the block, `kernel[grid](...)` records (kernel, args, kwargs) instead of launching."""
+def _captured_launches(target):
+    """Within the block, `kernel[grid](...)` (and `kernel.warmup(...)`) records (kernel, args,
+    kwargs) instead of compiling or launching; reaching `target` ends the launcher's call."""
     from triton.runtime.jit import JITFunction
 
     launches = []
@@ -391,10 +440,14 @@ def _captured_launches():
 
     def capture(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs))
+        if self is target:
+            raise _Captured
 
     JITFunction.run = capture
     try:
         yield launches
+    except _Captured:
+        pass
     finally:
         JITFunction.run = original
 
@@ -410,7 +463,7 @@ def capture_launch(config: Config):
     """(JITFunction, args, kwargs) of the launch the shipped launcher makes for `config`."""
     entry = KERNELS[config.kernel]
     target = _resolve(entry.jit)
-    with _captured_launches() as launches:
+    with _captured_launches(target) as launches:
         entry.launch(config.case)
     matching = [launch for launch in launches if launch[0] is target]
     if len(matching) != 1:
