@@ -15,15 +15,18 @@ What is measured, with the cuobjdump from the triton wheel: registers, stack fra
 memory (spill_bytes) from the resource usage; from the SASS:
 
 - Loops are found by their backward branches: a `BRA` to a lower address closes a loop whose
-  body is [target, branch]. Element loops are the innermost loops that contain a global load
-  (LDG); the ignored-row loop that only stores zeros has none, nor does the trap `BRA` to
-  itself after the last `EXIT`.
-- long_rows kernels (rows streamed block by block): per-element counts are the element loop
-  bodies' instructions (NOPs excluded), MUFU.EX2, and LDG/STG bytes (from each instruction's
-  width: .128 = 16 bytes, .64 = 8, .U16 = 2, plain = 4), summed over the element loops (both
-  sweeps of a two-sweep kernel) and divided by the elements one thread handles per iteration,
-  BLOCK / (32 * num_warps). A long_rows kernel without an element loop would have zero
-  per-element counts.
+  body is [target, branch]. Element loops are the loops with a plain global load (LDG; a loop
+  whose only loads are the .STRONG polls of a wait on a counter does not count) that contain no
+  other such loop; the ignored-row loop that only stores zeros has no load, nor does the trap
+  `BRA` to itself after the last `EXIT`.
+- long_rows kernels (rows streamed block by block, or a persistent loop over rows): per-element
+  counts are the instructions (NOPs excluded), MUFU.EX2, and LDG/STG bytes (from each
+  instruction's width: .128 = 16 bytes, .64 = 8, .U16 = 2, plain = 4) of one iteration of each
+  element loop (the longest path through its body, inner loops cut at their back edge), summed
+  over the element loops (both sweeps of a two-sweep kernel) and divided by the elements one
+  thread handles per iteration, BLOCK / (32 * num_warps). A long_rows kernel without an
+  element loop would have zero per-element counts. Per-row work inside an element loop (the
+  split kernel's statistics exchange) counts as if every thread issued it.
 - On-chip kernels (the whole row in registers): the same counts along the longest path from the
   kernel's entry to an exit (the branch graph with loops cut at their back edge and calls not
   followed: what a counted row executes, its per-row prologue and epilogue included, the
@@ -125,7 +128,8 @@ class Kernel:
     full: tuple = ({},)
     core: tuple = ()
     long_rows: Callable[[dict], bool] = lambda constexprs: True  # from the captured constexprs
-    default: Callable[[str], bool] = lambda vocab_class: False  # auto's pick for LLM vocab
+    # Whether auto runs it for LLM vocabularies: (vocab class, case) -> bool.
+    default: Callable[[str, Case], bool] = lambda vocab_class, case: False
     block: str = "BLOCK_V"  # constexpr: row elements one program handles per iteration
 
 
@@ -223,6 +227,25 @@ def _launch_kd_topk(case: Case) -> None:
                       grad_student, tail=case.tail, options=case.options())
 
 
+def _launch_kd_split(case: Case) -> None:
+    import torch
+
+    from fastkd._spec import NUM_ROW_STATS
+    from fastkd.kernels import kd_split
+
+    student, teacher, labels, weight, grad_student, grad_teacher = _stand_in_rows(case)
+    row_stats = torch.empty(STAND_IN_ROWS, NUM_ROW_STATS, dtype=torch.float32)
+    kd_split.split_rows(student, teacher, labels, weight, row_stats, grad_student,
+                        grad_teacher, case.options())
+
+
+def _auto_long_rows(vocab: int) -> str:
+    """The long-row strategy auto picks for `vocab` (kernels/kd_loss.py's measured table)."""
+    from fastkd.kernels import kd_loss
+
+    return kd_loss.AUTO_LONG_ROWS.get(vocab, "loop")
+
+
 def _launch_scale_rows(case: Case) -> None:
     import torch
 
@@ -282,7 +305,8 @@ KERNELS: dict[str, Kernel] = {
                "label_smoothing": (0.0,)},
               {**_EVERY_DIVERGENCE, "vocab": ("on-chip 8192", "LLM")}),
         long_rows=lambda constexprs: not constexprs["ON_CHIP"],
-        default=lambda vocab_class: vocab_class == "LLM",
+        default=lambda vocab_class, case: (vocab_class == "LLM"
+                                           and _auto_long_rows(case.vocab) == "loop"),
     ),
     # Vocab-parallel: statistics sweep over a shard (kernel 1); after the all-gather, for the
     # divergences that need them, the shard's row sums (kernel 2); then the shard's gradient
@@ -340,7 +364,19 @@ KERNELS: dict[str, Kernel] = {
                "grads": ((True, False),), "temperature": (2.0,), "k": (2048,),
                "tail": ("renormalize",), "stored_tail": (False,)}),
         long_rows=lambda constexprs: not constexprs["ON_CHIP"],
-        default=lambda vocab_class: vocab_class == "LLM",
+        default=lambda vocab_class, case: vocab_class == "LLM",
+    ),
+    # Long rows split over co-resident programs (FASTKD_LONG_ROWS=split): one persistent,
+    # cooperative launch; each program keeps its slice of a row in registers.
+    "kd_split": Kernel(
+        jit="fastkd.kernels.kd_split:_split_kernel",
+        launch=_launch_kd_split,
+        axes={"dtype": DTYPES, "vocab": ("LLM", "LLM 128256"), **_FLAGS},
+        vocab_classes={"LLM": 32000, "LLM 128256": 128256},
+        full=_FULL,
+        core=({**_CORE_TRAINING, "vocab": ("LLM",), "temperature": (2.0,)},),
+        block="SLICE",
+        default=lambda vocab_class, case: _auto_long_rows(case.vocab) == "split",
     ),
     # Backward: the saved gradient times grad_output (skipped on the device when it is 1).
     "scale_rows": Kernel(
@@ -514,13 +550,14 @@ def find_loops(instructions) -> list[tuple[int, int]]:
 
 
 def element_loops(instructions) -> list[tuple[int, int]]:
-    """The innermost loops that read global memory: the sweeps over a row's elements."""
-    loops = find_loops(instructions)
-    innermost = [loop for loop in loops
-                 if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1]
-                            for other in loops)]
-    return [(first, last) for first, last in innermost
-            if any(ins.base == "LDG" for ins in instructions if first <= ins.address <= last)]
+    """The loops over a row's elements: loops with a plain global load (not only the .STRONG
+    polls of a loop that waits on a counter) that contain no other such loop."""
+    reading = [(first, last) for first, last in find_loops(instructions)
+               if any(ins.base == "LDG" and "STRONG" not in ins.opcode.split(".")
+                      for ins in instructions if first <= ins.address <= last)]
+    return [loop for loop in reading
+            if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1]
+                       for other in reading)]
 
 
 def longest_path(instructions) -> list[Instruction]:
@@ -572,7 +609,9 @@ def per_element(instructions, elements_per_thread: float, long_rows: bool) -> di
     """Per-element instructions, EX2 and global bytes (method in the module docstring)."""
     if long_rows:
         loops = element_loops(instructions)
-        body = [ins for ins in instructions if any(a <= ins.address <= b for a, b in loops)]
+        # One iteration of each: the longest path through its body, inner loops cut.
+        body = [ins for first, last in loops
+                for ins in longest_path([i for i in instructions if first <= i.address <= last])]
     else:
         loops = []
         body = longest_path(instructions)
@@ -699,7 +738,7 @@ def measure(config: Config) -> dict:
             partial.replace(cache)
         row.update({
             "long_rows": long_rows,
-            "default": bool(entry.default(config.vocab_class)),
+            "default": bool(entry.default(config.vocab_class, config.case)),
             "num_warps": num_warps,
             "block": block,
             "elements_per_thread": elements_per_thread,
