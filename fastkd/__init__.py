@@ -2,8 +2,9 @@
 
 from . import reference
 from .functional import kd_loss
+from .linear import LinearKDLoss, linear_kd_loss
 from .module import KDLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["KDLoss", "kd_loss", "reference", "__version__"]
+__all__ = ["KDLoss", "LinearKDLoss", "kd_loss", "linear_kd_loss", "reference", "__version__"]
