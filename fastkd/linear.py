@@ -28,6 +28,7 @@ fp32 result (CPU), the weight is upcast once per call (another 4 V H bytes).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -177,15 +178,20 @@ def _check_head(side, hidden, weight, bias, autocast):
     if not autocast and hidden.dtype != weight.dtype:
         raise TypeError(f"{h_name} ({hidden.dtype}) and {w_name} ({weight.dtype}) must have the "
                         "same dtype (or run under torch.autocast)")
-    if bias is not None:
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"{b_name} must have shape ({weight.shape[0]},), got "
-                             f"{tuple(bias.shape)}")
-        if bias.device != weight.device:
-            raise ValueError(f"{b_name} must be on {w_name}'s device {weight.device}, got "
-                             f"{bias.device}")
-        if not autocast and bias.dtype != weight.dtype:
-            raise TypeError(f"{b_name} ({bias.dtype}) must have {w_name}'s dtype {weight.dtype}")
+
+
+def _check_bias(side, weight, bias, autocast):
+    if bias is None:
+        return
+    w_name, b_name = f"{side}_weight", f"{side}_bias"
+    if bias.shape != weight.shape[:1]:
+        raise ValueError(f"{b_name} must have shape ({weight.shape[0]},), got "
+                         f"{tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise ValueError(f"{b_name} must be on {w_name}'s device {weight.device}, got "
+                         f"{bias.device}")
+    if not autocast and bias.dtype != weight.dtype:
+        raise TypeError(f"{b_name} ({bias.dtype}) must have {w_name}'s dtype {weight.dtype}")
 
 
 def _check_labels(labels, leading_shape, device):
@@ -204,9 +210,16 @@ def _check_labels(labels, leading_shape, device):
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device.type):
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def _no_autocast(device: torch.device):
+    """The chunk loop casts explicitly; autocast must not recast its fp32 GEMMs."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +427,7 @@ class _RecomputedRows(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         inputs = ctx.saved_tensors
-        with torch.autocast(inputs[0].device.type, enabled=False):
+        with _no_autocast(inputs[0].device):
             _, _, grads = _run_chunks(ctx.spec, ctx.labels, ctx.wants, grad_output.reshape(-1),
                                       *inputs)
         return None, None, None, *grads
@@ -471,7 +484,7 @@ def linear_kd_loss(
     are computed in the forward; the backward runs once per forward.
     """
     device = student_hidden.device if isinstance(student_hidden, torch.Tensor) else None
-    autocast = device is not None and torch.is_autocast_enabled(device.type)
+    autocast = device is not None and _autocast_dtype(device) is not None
     _check_head("student", student_hidden, student_weight, student_bias, autocast)
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, autocast)
     leading_shape = student_hidden.shape[:-1]
@@ -489,6 +502,8 @@ def linear_kd_loss(
                 "(a view, no copy)" if teacher_vocab > vocab else "")
         raise ValueError(f"student_weight and teacher_weight must have the same vocabulary "
                          f"size, got {vocab} and {teacher_vocab}{hint}")
+    _check_bias("student", student_weight, student_bias, autocast)
+    _check_bias("teacher", teacher_weight, teacher_bias, autocast)
     _check_labels(labels, leading_shape, device)
     temperature, alpha = _options(temperature, alpha, ignore_index, reduction, labels is not None)
     normalizer = check_normalizer(normalizer, reduction, device)
@@ -526,7 +541,7 @@ def linear_kd_loss(
     inputs = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
     grad_enabled = torch.is_grad_enabled()
     wants = tuple(grad_enabled and t is not None and t.requires_grad for t in inputs)
-    with torch.autocast(device.type, enabled=False):
+    with _no_autocast(device):
         if not any(wants):
             loss, _, _ = _run_chunks(spec, labels_1d, wants, None, *inputs)
         elif reduction == "none":

@@ -182,3 +182,197 @@ def test_default_chunk_size_is_a_budget_on_chunk_times_vocab():
     assert default_chunk_size(10**6, 151936, torch.device("cuda")) == 832
     assert default_chunk_size(5, 32000, torch.device("cpu")) == 5
     assert default_chunk_size(10**6, 10**9, torch.device("cpu")) == 1
+
+
+def test_autocast_projects_in_the_autocast_dtype(backend_name):
+    """Under autocast the GEMMs take bf16-rounded inputs; the logits stay fp32."""
+    tensors, labels = make_case(bias=(True, True))
+    rounded = [None if t is None else t.detach().to(torch.bfloat16).to(torch.float32)
+               .requires_grad_(t.requires_grad) for t in tensors]
+    loss64, grads64 = truth(rounded, labels, temperature=2.0, ignore_index=IGNORE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = run(tensors, labels, temperature=2.0, chunk_size=5)
+    assert loss.dtype == torch.float32
+    assert_close(loss, loss64, tolerance(torch.float32, "loss", backend_name), what="loss",
+                 scale_floor=1.0)
+    for name, grad, grad64 in zip(NAMES[:3], grads[:3], grads64[:3], strict=True):
+        assert grad.dtype == torch.float32
+        assert_close(grad, grad64, tolerance(torch.float32, "grad", backend_name), what=name)
+
+
+class _Body(torch.nn.Module):
+    """A tiny 'model': token embedding, one hidden layer, an lm_head (optionally tied)."""
+
+    def __init__(self, vocab, hidden, tied, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.layer = torch.nn.Linear(hidden, hidden)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=not tied)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return torch.tanh(self.layer(self.embed(tokens)))
+
+
+def _model_inputs(vocab=300, hidden=16, lead=(2, 6), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, lead, generator=gen)
+    teacher_hidden = torch.randn(*lead, 24, generator=gen)
+    teacher_weight = torch.randn(vocab, 24, generator=gen) * 0.4
+    labels = make_labels(lead, vocab, seed=seed, ignore_rows=(0, 5))
+    return tokens, teacher_hidden, teacher_weight, labels
+
+
+def _model_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_model_step_equals_explicit_logits(backend_name, tied, checkpointing):
+    """A model step: tied embeddings get both gradients, gradient checkpointing recomputes."""
+    model = _Body(300, 16, tied).double()
+    tokens, teacher_hidden, teacher_weight, labels = (
+        t.double() if t.is_floating_point() else t for t in _model_inputs())
+    options = dict(temperature=2.0, alpha=0.5)
+
+    def fused(embedded):
+        head = model.lm_head
+        hidden = torch.tanh(model.layer(embedded))
+        return fastkd.linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_weight,
+                                     labels, student_bias=head.bias, chunk_size=5, **options)
+
+    embedded = model.embed(tokens)
+    if checkpointing is None:
+        loss = fused(embedded)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        # The loss inside the checkpointed region: its forward runs again in backward.
+        loss = checkpoint(fused, embedded, use_reentrant=checkpointing == "reentrant")
+    grads = _model_grads(model, loss)
+    explicit = fastkd.reference.kd_loss(model.lm_head(model(tokens)), teacher_hidden @
+                                        teacher_weight.T, labels, **options)
+    expected = _model_grads(model, explicit)
+    assert_close(loss, explicit, tolerance(torch.float64, "loss", backend_name), what="loss",
+                 scale_floor=1.0)
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        assert_close(grads[name], expected[name], tolerance(torch.float64, "grad", backend_name),
+                     what=name)
+
+
+# aot_eager traces the whole step (dynamo, then AOT autograd with the custom ops' mutations
+# functionalised) in a few seconds; inductor adds C++ code generation (about 20 s on 2 cores) and
+# runs once, for one chunk.
+@pytest.mark.parametrize("backend_name,compiler,chunk_size", [
+    ("torch", "aot_eager", 5), ("triton", "aot_eager", 5), ("torch", "inductor", None)])
+def test_torch_compile_fullgraph(monkeypatch, backend_name, compiler, chunk_size):
+    monkeypatch.setenv("FASTKD_BACKEND", backend_name)
+    model = _Body(300, 16, tied=False)
+    tokens, teacher_hidden, teacher_weight, labels = _model_inputs()
+
+    def step(tokens, teacher_hidden, labels):
+        head = model.lm_head
+        return fastkd.linear_kd_loss(model(tokens), head.weight, teacher_hidden, teacher_weight,
+                                     labels, student_bias=head.bias, temperature=2.0,
+                                     student_softcap=5.0, chunk_size=chunk_size)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    loss = compiled(tokens, teacher_hidden, labels)
+    grads = _model_grads(model, loss)
+    eager = step(tokens, teacher_hidden, labels)
+    expected = _model_grads(model, eager)
+    torch.testing.assert_close(loss, eager.detach())
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], msg=name)
+
+
+def test_module_wraps_the_function(backend_name):
+    tensors, labels = make_case(bias=(True, True))
+    criterion = fastkd.LinearKDLoss(temperature=2.0, alpha=0.3, student_softcap=4.0,
+                                    chunk_size=5)
+    assert "student_softcap=4.0" in repr(criterion)
+    loss = criterion(*tensors[:2], *tensors[3:5], labels, student_bias=tensors[2],
+                     teacher_bias=tensors[5])
+    expected, _ = run(tensors, labels, temperature=2.0, alpha=0.3, student_softcap=4.0,
+                      chunk_size=5)
+    torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _bad(**changes):
+    tensors, labels = make_case(bias=(True, True))
+    args = dict(zip(NAMES, tensors, strict=True), labels=labels)
+    args.update(changes)
+    return args
+
+
+def _call(args, **kwargs):
+    return fastkd.linear_kd_loss(args["student_hidden"], args["student_weight"],
+                                 args["teacher_hidden"], args["teacher_weight"], args["labels"],
+                                 student_bias=args["student_bias"],
+                                 teacher_bias=args["teacher_bias"], **kwargs)
+
+
+W_S, W_T = make_case()[0][1], make_case()[0][4]
+BAD_INPUTS = {
+    "vocab_mismatch_padded": (dict(teacher_weight=torch.randn(320, 24)), {}, ValueError,
+                              r"300 and 320.*teacher_weight\[:300\]"),
+    "vocab_mismatch_smaller": (dict(teacher_weight=torch.randn(299, 24)), {}, ValueError,
+                               r"same vocabulary size, got 300 and 299$"),
+    "hidden_width": (dict(student_hidden=torch.randn(12, 15)), {}, ValueError,
+                     r"student_weight must have shape \(vocab, 15\)"),
+    "weight_not_2d": (dict(teacher_weight=torch.randn(300, 24, 1)), {}, ValueError,
+                      "teacher_weight must have shape"),
+    "leading_shapes": (dict(teacher_hidden=torch.randn(11, 24)), {}, ValueError,
+                       "same leading shape"),
+    "labels_shape": (dict(labels=torch.zeros(11, dtype=torch.long)), {}, ValueError,
+                     "labels must have"),
+    "float_labels": (dict(labels=torch.zeros(12)), {}, TypeError, "labels must be an integer"),
+    "dtype_mismatch": (dict(student_hidden=torch.randn(12, 16, dtype=torch.bfloat16)), {},
+                       TypeError, r"student_hidden \(torch.bfloat16\) and student_weight"),
+    "bias_dtype": (dict(teacher_bias=torch.randn(300, dtype=torch.float64)), {}, TypeError,
+                   "teacher_bias"),
+    "bias_shape": (dict(student_bias=torch.randn(299)), {}, ValueError,
+                   r"student_bias must have shape \(300,\)"),
+    "integer_hidden": (dict(student_hidden=torch.zeros(12, 16, dtype=torch.long)), {},
+                       TypeError, "student_hidden must be a float"),
+    "not_a_tensor": (dict(teacher_hidden=[1.0]), {}, TypeError, "teacher_hidden must be"),
+    "hidden_on_meta": (dict(student_hidden=torch.empty(12, 16, device="meta")), {}, ValueError,
+                       "student_hidden must be on student_weight's device"),
+    "softcap_zero": ({}, dict(student_softcap=0.0), ValueError, "student_softcap must be"),
+    "softcap_negative": ({}, dict(teacher_softcap=-1.0), ValueError, "teacher_softcap must be"),
+    "softcap_tensor": ({}, dict(teacher_softcap=torch.tensor(2.0)), TypeError,
+                       "teacher_softcap must be a Python float"),
+    "scale_zero": ({}, dict(student_logit_scale=0.0), ValueError, "student_logit_scale"),
+    "scale_nan": ({}, dict(teacher_logit_scale=float("nan")), ValueError, "teacher_logit_scale"),
+    "chunk_zero": ({}, dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+    "chunk_float": ({}, dict(chunk_size=2.0), TypeError, "chunk_size must be an int"),
+    "temperature": ({}, dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    "reduction": ({}, dict(reduction="avg"), ValueError, "reduction must be one of"),
+    "alpha_without_labels": (dict(labels=None), dict(alpha=0.5), ValueError, "needs labels"),
+    "normalizer_with_mean": ({}, dict(normalizer=3.0), ValueError, "reduction='sum'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_names_the_argument(name):
+    changes, kwargs, error, match = BAD_INPUTS[name]
+    with pytest.raises(error, match=match):
+        _call(_bad(**changes), **kwargs)
+
+
+def test_module_checks_options_at_construction():
+    with pytest.raises(ValueError, match="student_softcap"):
+        fastkd.LinearKDLoss(student_softcap=-2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        fastkd.LinearKDLoss(temperature=-1.0)
