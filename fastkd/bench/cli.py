@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import linear
 from .cases import (
     ALPHA,
     IGNORED_FRACTION,
@@ -102,6 +103,7 @@ def parse_args(argv):
                         choices=["sm_80", "sm_90a"])
     static.add_argument("--scope", choices=("full", "core"), default="full")
     static.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
+    linear.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -229,6 +231,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.static:
         return run_static(args)
+    if args.linear:
+        return linear.run_from_cli(args)
     return run_benchmark(args)
 
 
