@@ -175,7 +175,9 @@ def _check_head(side, hidden, weight, bias, autocast):
     if hidden.device != weight.device:
         raise ValueError(f"{h_name} must be on {w_name}'s device {weight.device}, got "
                          f"{hidden.device}")
-    if not autocast and hidden.dtype != weight.dtype:
+    # A DTensor weight (FSDP2's fp32 master copy under mixed precision) is cast once when
+    # gathered.
+    if not autocast and not _is_dtensor(weight) and hidden.dtype != weight.dtype:
         raise TypeError(f"{h_name} ({hidden.dtype}) and {w_name} ({weight.dtype}) must have the "
                         "same dtype (or run under torch.autocast)")
 
@@ -190,7 +192,7 @@ def _check_bias(side, weight, bias, autocast):
     if bias.device != weight.device:
         raise ValueError(f"{b_name} must be on {w_name}'s device {weight.device}, got "
                          f"{bias.device}")
-    if not autocast and bias.dtype != weight.dtype:
+    if not autocast and not _is_dtensor(weight) and bias.dtype != weight.dtype:
         raise TypeError(f"{b_name} ({bias.dtype}) must have {w_name}'s dtype {weight.dtype}")
 
 
@@ -226,18 +228,20 @@ def _no_autocast(device: torch.device):
 # FSDP2: a DTensor lm_head is gathered once per call.
 
 
-def _full_tensor(tensor):
-    """A DTensor (FSDP2's sharded lm_head) as one plain tensor, gathered once.
+def _full_tensor(tensor, dtype):
+    """A DTensor (FSDP2's sharded lm_head) as one plain tensor of `dtype`, gathered once.
 
-    The gathered tensor's gradient is a partial sum of this rank's rows, so it is declared
+    The gathered tensor's gradient is this rank's contribution only, so it is declared
     Partial("avg"): backward reduce-scatters it to the shards, averaged over the mesh as FSDP2
-    averages every other gradient.
+    averages every other gradient. (A plain full_tensor() would hand each shard its own rank's
+    gradient rows, unreduced.) An fp32 master copy is cast to the hidden states' dtype once here.
     """
     if tensor is None or not _is_dtensor(tensor):
         return tensor
     from torch.distributed.tensor import Partial
 
-    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
+    full = tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
+    return full.to(dtype)
 
 
 def _is_dtensor(tensor) -> bool:
@@ -533,8 +537,11 @@ def linear_kd_loss(
                  vocab=vocab, chunk=chunk, scales=scales, softcaps=softcaps,
                  cast_dtype=cast_dtype, compute_dtype=compute_dtype)
 
-    student_weight, student_bias = _full_tensor(student_weight), _full_tensor(student_bias)
-    teacher_weight, teacher_bias = _full_tensor(teacher_weight), _full_tensor(teacher_bias)
+    s_dtype, t_dtype = student_hidden.dtype, teacher_hidden.dtype
+    student_weight, student_bias = (_full_tensor(student_weight, s_dtype),
+                                    _full_tensor(student_bias, s_dtype))
+    teacher_weight, teacher_bias = (_full_tensor(teacher_weight, t_dtype),
+                                    _full_tensor(teacher_bias, t_dtype))
     hs = student_hidden.reshape(n_rows, student_hidden.shape[-1])
     ht = teacher_hidden.reshape(n_rows, teacher_hidden.shape[-1])
     labels_1d = labels.reshape(n_rows) if labels is not None else None

@@ -50,11 +50,23 @@ def _batch(rank):
     return tokens, teacher_hidden, labels
 
 
-def _loss(model, rank):
+def _loss(model, rank, dtype=torch.float32):
+    """dtype bf16: the hidden states in bf16 against the fp32 (master) lm_head, which the loss
+    casts once when it gathers it; one process casts the full weight itself."""
     tokens, teacher_hidden, labels = _batch(rank)
     head = model.lm_head
-    return fastkd.linear_kd_loss(model(tokens), head.weight, teacher_hidden, _teacher_weight(),
-                                 labels, student_bias=head.bias, **OPTIONS)
+    weight, bias = head.weight, head.bias
+    if dtype != torch.float32 and not _is_dtensor(weight):
+        weight, bias = weight.to(dtype), bias.to(dtype)
+    return fastkd.linear_kd_loss(model(tokens).to(dtype), weight, teacher_hidden.to(dtype),
+                                 _teacher_weight().to(dtype), labels, student_bias=bias,
+                                 **OPTIONS)
+
+
+def _is_dtensor(tensor):
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _worker(rank, world_size, init_file, out_dir):
@@ -66,15 +78,18 @@ def _worker(rank, world_size, init_file, out_dir):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
 
-        model = _Student()
-        fully_shard(model.lm_head)
-        fully_shard(model)
-        loss = _loss(model, rank)
-        weight_was_sharded = isinstance(model.lm_head.weight, DTensor)
-        loss.backward()
-        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
-        torch.save({"loss": loss.detach(), "grads": grads, "sharded": weight_was_sharded},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        results = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            model = _Student()
+            fully_shard(model.lm_head)
+            fully_shard(model)
+            loss = _loss(model, rank, dtype)
+            weight_was_sharded = isinstance(model.lm_head.weight, DTensor)
+            loss.backward()
+            grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+            results[dtype] = {"loss": loss.detach(), "grads": grads,
+                              "sharded": weight_was_sharded}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
         dist.destroy_process_group()
     except Exception:
@@ -104,13 +119,18 @@ def _run_group(world_size, tmp_path):
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 def test_fsdp2_two_ranks_equal_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTKD_BACKEND", "torch")
-    results = _run_group(2, tmp_path)
-    assert all(r["sharded"] for r in results), "the lm_head weight was not a DTensor"
-    model = _Student()
-    losses = [_loss(model, rank) for rank in range(2)]
-    (sum(losses) / 2).backward()
-    for rank, result in enumerate(results):
-        torch.testing.assert_close(result["loss"], losses[rank].detach())
-        for name, param in model.named_parameters():
-            torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-5, atol=1e-7,
-                                       msg=f"rank {rank}: {name}")
+    per_rank = _run_group(2, tmp_path)
+    for dtype, tol in ((torch.float32, dict(rtol=1e-5, atol=1e-7)),
+                       (torch.bfloat16, dict(rtol=2.0**-7, atol=1e-4))):
+        results = [r[dtype] for r in per_rank]
+        assert all(r["sharded"] for r in results), "the lm_head weight was not a DTensor"
+        model = _Student()
+        losses = [_loss(model, rank, dtype) for rank in range(2)]
+        (sum(losses) / 2).backward()
+        for rank, result in enumerate(results):
+            torch.testing.assert_close(result["loss"], losses[rank].detach(), **tol)
+            for name, param in model.named_parameters():
+                grad = result["grads"][name]
+                assert grad.dtype == param.dtype, f"{dtype} rank {rank}: {name} {grad.dtype}"
+                torch.testing.assert_close(grad, param.grad, **tol,
+                                           msg=f"{dtype} rank {rank}: {name}")
