@@ -42,7 +42,7 @@ __all__ = ["linear_kd_loss", "LinearKDLoss", "CHUNK_BUDGET_ELEMENTS", "default_c
 
 # chunk_size=None: the largest chunk whose logits hold at most this many elements (C * V), per
 # device type. On CPU 2^23 fp32 elements (32 MiB per buffer) keeps the chunk buffers a fraction of
-# explicit logits at N = 2048; on GPU 2^27 (512 MiB per buffer) keeps the GEMMs large (C = 883 at
+# explicit logits at N = 2048; on GPU 2^27 (512 MiB per buffer) keeps the GEMMs large (C = 832 at
 # V = 151936).
 CHUNK_BUDGET_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 23}
 _DEFAULT_BUDGET = 1 << 23
