@@ -35,8 +35,22 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
-from ._validation import KDArgs, _check_number, check_loss_options, check_normalizer
-from .functional import reduce_fused_rows, row_weight
+from ._autograd import (
+    KDLossComponents,
+    SavedGradientLoss,
+    make_components,
+    reduce_rows,
+    reduction_weight,
+    refuse_function_transforms,
+)
+from ._spec import (
+    NUM_ROW_STATS,
+    LossOptions,
+    _check_number,
+    check_labels,
+    check_loss_options,
+    check_normalizer,
+)
 
 __all__ = ["linear_kd_loss", "LinearKDLoss", "CHUNK_BUDGET_ELEMENTS", "default_chunk_size"]
 
@@ -63,61 +77,14 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The fused row op and the reduction: the only calls into fastkd's core.
-
-
-def _options(temperature, alpha, ignore_index, reduction, has_labels):
-    temperature, alpha = check_loss_options(
-        temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-        has_labels=has_labels,
-    )
-    return temperature, alpha
-
-
-def _kd_args(spec: _Spec) -> KDArgs:
-    return KDArgs(temperature=spec.temperature, alpha=spec.alpha, ignore_index=spec.ignore_index,
-                  reduction=spec.reduction, vocab_size=spec.vocab,
-                  leading_shape=spec.leading_shape, normalizer=spec.normalizer)
-
-
-def _reduction_weight(spec: _Spec, labels, device, dtype) -> torch.Tensor:
-    return row_weight(labels, _kd_args(spec), device, dtype)
-
-
-def _fused_rows(spec: _Spec, z_s, z_t, labels, weight, stats, grad_s, grad_t) -> None:
-    """One chunk through the fused row kernel: stats rows filled, w * dloss/dz written into
-    grad_s (which may be z_s itself) and grad_t when they are given."""
-    row_losses, g_s, g_t = _ops.kd_forward(
-        z_s, z_t, labels, weight, spec.temperature, spec.alpha, spec.ignore_index,
-        grad_s is not None, grad_t is not None,
-    )
-    stats.copy_(row_losses)
-    if grad_s is not None:
-        grad_s.copy_(g_s)
-    if grad_t is not None:
-        grad_t.copy_(g_t)
-
-
-def _stats_buffer(n_rows, dtype, device) -> torch.Tensor:
-    return torch.empty(n_rows, dtype=dtype, device=device)
-
-
-def _reduce(spec: _Spec, stats, weight):
-    return reduce_fused_rows(stats, weight, _kd_args(spec)), None
-
-
-# ---------------------------------------------------------------------------------------------
 # Validation (metadata only: no tensor values are read)
 
 
 @dataclass(frozen=True)
-class _Spec:
-    """Validated options of one call (hashable, no tensors but the normalizer)."""
+class LinearPlan:
+    """One validated call: the loss options, the projections' settings and the shape facts."""
 
-    temperature: float
-    alpha: float
-    ignore_index: int
-    reduction: str
+    options: LossOptions
     normalizer: float | torch.Tensor | None
     leading_shape: torch.Size
     vocab: int
@@ -127,6 +94,9 @@ class _Spec:
     # Autocast dtype of the projections at the call (None: the tensors' own dtypes).
     cast_dtype: torch.dtype | None
     compute_dtype: torch.dtype
+    # Which of (student hidden, weight, bias, teacher hidden, weight, bias) get a gradient.
+    wants: tuple[bool, ...]
+    name: str = "fastkd.linear_kd_loss"
 
 
 def _check_tensor(name, value, *, optional=False):
@@ -196,21 +166,6 @@ def _check_bias(side, weight, bias, autocast):
         raise TypeError(f"{b_name} ({bias.dtype}) must have {w_name}'s dtype {weight.dtype}")
 
 
-def _check_labels(labels, leading_shape, device):
-    if labels is None:
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of class ids, got {labels.dtype}")
-    if labels.shape != leading_shape:
-        raise ValueError(f"labels must have the hidden states' leading shape "
-                         f"{tuple(leading_shape)}, got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels must be on the hidden states' device {device}, got "
-                         f"{labels.device}")
-
-
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -259,33 +214,32 @@ def _is_dtensor(tensor) -> bool:
 class _Head:
     """One model's projection for the chunk loop, and its gradient accumulators."""
 
-    def __init__(self, hidden, weight, bias, scale, softcap, spec: _Spec, wants):
-        self.scale, self.softcap = scale, softcap
+    def __init__(self, hidden, weight, bias, side: int, plan: LinearPlan, wants):
+        self.scale, self.softcap = plan.scales[side], plan.softcaps[side]
         self.want_h, self.want_w, self.want_b = wants
         self.wants_grad = any(wants)
-        cdtype = spec.compute_dtype
+        cdtype = plan.compute_dtype
         self.cdtype = cdtype
-        in_dtype = spec.cast_dtype or weight.dtype
+        in_dtype = plan.cast_dtype or weight.dtype
         # Half GEMMs with an fp32 result exist on CUDA only; elsewhere upcast once per call.
         self.half_gemm = weight.is_cuda and in_dtype in _HALF_DTYPES
-        gemm_dtype = in_dtype if self.half_gemm else cdtype
+        self.gemm_dtype = in_dtype if self.half_gemm else cdtype
         self.hidden = hidden
-        self.hidden_dtype = in_dtype  # rounding of the hidden states before the GEMM
-        self.gemm_dtype = gemm_dtype
-        self.weight = weight.to(in_dtype).to(gemm_dtype)
+        self.hidden_dtype = in_dtype  # the rounding of the hidden states before the GEMM
+        self.weight = weight.to(in_dtype).to(self.gemm_dtype)
         self.bias = None if bias is None else bias.to(in_dtype).to(cdtype)
-        self.out_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
-        device = hidden.device
-        self.dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) \
-            if self.want_h else None
-        self.dw = torch.empty((vocab, weight.shape[1]), dtype=cdtype, device=device) \
-            if self.want_w else None
+        self.weight_dtype = weight.dtype
+        self.bias_dtype = None if bias is None else bias.dtype
+        vocab, device = weight.shape[0], hidden.device
+        self.dh = (torch.empty(hidden.shape, dtype=hidden.dtype, device=device)
+                   if self.want_h else None)
+        # dW and db accumulate in the compute dtype (fp32) over the chunks.
+        self.dw = (torch.empty((vocab, weight.shape[1]), dtype=cdtype, device=device)
+                   if self.want_w else None)
         self.db = torch.zeros(vocab, dtype=cdtype, device=device) if self.want_b else None
         self.first = True
         self.h_chunk = None
         self.tanh_grad = None
-        del n_rows
 
     def _mm(self, a, b):
         if self.half_gemm:
@@ -317,7 +271,11 @@ class _Head:
         return out
 
     def backprop(self, grad, start, stop):
-        """grad (rows, V) = w * dloss/dz of the chunk: add its share to dH, dW and db."""
+        """grad (rows, V) = w * dloss/dz of the chunk: add its share to dH, dW and db.
+
+        The logit scale is applied to dH here (N x H) and to dW, db once at the end, never to
+        the chunk's V-wide gradient.
+        """
         if self.softcap is not None:
             grad.mul_(self.tanh_grad)
             self.tanh_grad = None
@@ -335,6 +293,7 @@ class _Head:
                 else:
                     self.dw.add_(part)
             else:
+                # beta=0 on the first chunk: the uninitialised accumulator is never read.
                 torch.addmm(self.dw, grad.T, h, beta=0.0 if self.first else 1.0, out=self.dw)
         if self.want_b:
             self.db.add_(grad.sum(0))
@@ -342,33 +301,37 @@ class _Head:
         self.h_chunk = None
 
     def grads(self):
-        """(dH, dW, db) in their tensors' dtypes, with the logit scale applied once."""
-        dw, db = self.dw, self.db
+        """(dH, dW, db) as (2-D gradient, shape) pairs in their tensors' dtypes, or None."""
+        dh, dw, db = self.dh, self.dw, self.db
         if dw is not None:
             if self.scale != 1.0:
                 dw.mul_(self.scale)
-            dw = dw.to(self.out_dtypes[1])
+            dw = dw.to(self.weight_dtype)
         if db is not None:
             if self.scale != 1.0:
                 db.mul_(self.scale)
-            db = db.to(self.out_dtypes[2])
-        return self.dh, dw, db
+            db = db.to(self.bias_dtype)
+        return (
+            None if dh is None else (dh.reshape(-1, dh.shape[-1]), dh.shape),
+            None if dw is None else (dw, dw.shape),
+            None if db is None else (db.view(1, -1), db.shape),
+        )
 
 
-def _run_chunks(spec: _Spec, labels, wants, row_scale, hs, ws, bs, ht, wt, bt):
+def _run_chunks(plan: LinearPlan, wants, row_scale, hs, ws, bs, ht, wt, bt, labels):
     """(loss, components, grads) of one call, chunk by chunk.
 
-    wants: six flags (hidden, weight, bias of the student, then of the teacher). row_scale, when
-    given, multiplies each row's gradient (reduction="none" in backward).
+    hs, ht: the hidden states as 2-D (N, H) views. wants: six flags (hidden, weight, bias of
+    the student, then of the teacher). row_scale, when given, multiplies each row's gradient
+    (reduction="none", in backward). grads: (2-D gradient, shape) or None per input.
     """
-    device = hs.device
-    cdtype = spec.compute_dtype
-    n_rows, vocab = hs.shape[0], spec.vocab
-    student = _Head(hs, ws, bs, spec.scales[0], spec.softcaps[0], spec, wants[:3])
-    teacher = _Head(ht, wt, bt, spec.scales[1], spec.softcaps[1], spec, wants[3:])
-    weight = _reduction_weight(spec, labels, device, cdtype)
-    stats = _stats_buffer(n_rows, cdtype, device)
-    chunk = spec.chunk
+    options, device, cdtype = plan.options, hs.device, plan.compute_dtype
+    n_rows, vocab, chunk = hs.shape[0], plan.vocab, plan.chunk
+    student = _Head(hs, ws, bs, 0, plan, wants[:3])
+    teacher = _Head(ht, wt, bt, 1, plan, wants[3:])
+    weight = reduction_weight(labels, options, plan.leading_shape, plan.normalizer, device,
+                              cdtype)
+    stats = torch.empty((n_rows, NUM_ROW_STATS), dtype=cdtype, device=device)
     z_s = torch.empty((min(chunk, n_rows), vocab), dtype=cdtype, device=device)
     z_t = torch.empty_like(z_s)
     g_t = torch.empty_like(z_t) if teacher.wants_grad else None
@@ -377,10 +340,13 @@ def _run_chunks(spec: _Spec, labels, wants, row_scale, hs, ws, bs, ht, wt, bt):
         rows = stop - start
         zs = student.logits(start, stop, z_s[:rows])
         zt = teacher.logits(start, stop, z_t[:rows])
+        # The student's gradient overwrites its logits (the kernel reads each row first).
         gs = zs if student.wants_grad else None
         gt = g_t[:rows] if g_t is not None else None
-        chunk_labels = labels[start:stop] if labels is not None else None
-        _fused_rows(spec, zs, zt, chunk_labels, weight, stats[start:stop], gs, gt)
+        _ops.kd_rows(zs, zt, labels[start:stop] if labels is not None else None, weight,
+                     stats[start:stop], gs, gt, options.divergence, options.temperature,
+                     options.alpha, options.beta, options.skew, options.label_smoothing,
+                     options.z_loss, options.ignore_index)
         if row_scale is not None:
             factor = row_scale[start:stop, None].to(cdtype)
             if gs is not None:
@@ -391,28 +357,13 @@ def _run_chunks(spec: _Spec, labels, wants, row_scale, hs, ws, bs, ht, wt, bt):
             student.backprop(gs, start, stop)
         if gt is not None:
             teacher.backprop(gt, start, stop)
-    loss, components = _reduce(spec, stats, weight)
-    return loss, components, (*student.grads(), *teacher.grads())
+    loss, components = reduce_rows(stats, weight, options, plan.leading_shape, plan.normalizer)
+    return loss, components, (*student.grads(), *teacher.grads(), None)
 
 
-class _SavedGradients(torch.autograd.Function):
-    """Loss and gradients from the forward's chunk loop; backward scales them by grad_output."""
-
-    @staticmethod
-    def forward(ctx, spec, labels, wants, hs, ws, bs, ht, wt, bt):
-        loss, _, grads = _run_chunks(spec, labels, wants, None, hs, ws, bs, ht, wt, bt)
-        ctx.save_for_backward(*(g for g in grads if g is not None))
-        ctx.present = [g is not None for g in grads]
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        saved = iter(ctx.saved_tensors)
-        grads = []
-        for present in ctx.present:
-            grads.append(next(saved) * grad_output if present else None)
-        return None, None, None, *grads
+def _run_saved(plan: LinearPlan, *inputs):
+    """SavedGradientLoss's run: everything in the forward, gradients saved for backward."""
+    return _run_chunks(plan, plan.wants, None, *inputs)
 
 
 class _RecomputedRows(torch.autograd.Function):
@@ -420,21 +371,25 @@ class _RecomputedRows(torch.autograd.Function):
     again with grad_output as row weights (a per-row factor cannot rescale dW afterwards)."""
 
     @staticmethod
-    def forward(ctx, spec, labels, wants, hs, ws, bs, ht, wt, bt):
-        loss, components, _ = _run_chunks(spec, labels, (False,) * 6, None,
-                                          hs, ws, bs, ht, wt, bt)
-        ctx.spec, ctx.labels, ctx.wants = spec, labels, wants
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt)
-        return loss
+    def forward(ctx, plan, *inputs):
+        loss, components, _ = _run_chunks(plan, (False,) * 6, None, *inputs)
+        ctx.mark_non_differentiable(components)
+        ctx.plan = plan
+        ctx.save_for_backward(*inputs)
+        return loss, components
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_components):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{ctx.plan.name} does not support double backward (create_graph=True): its "
+                "gradient is not itself differentiable"
+            )
         inputs = ctx.saved_tensors
         with _no_autocast(inputs[0].device):
-            _, _, grads = _run_chunks(ctx.spec, ctx.labels, ctx.wants, grad_output.reshape(-1),
+            _, _, grads = _run_chunks(ctx.plan, ctx.plan.wants, grad_output.reshape(-1),
                                       *inputs)
-        return None, None, None, *grads
+        return (None, *(None if g is None else g[0].view(g[1]) for g in grads))
 
 
 def linear_kd_loss(
@@ -452,11 +407,17 @@ def linear_kd_loss(
     teacher_softcap: float | None = None,
     temperature: float = 1.0,
     alpha: float | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
-):
+    return_components: bool = False,
+) -> torch.Tensor | KDLossComponents:
     """KD loss straight from hidden states and lm_head weights, without N x V logits.
 
     Equal to this PyTorch, with the logits computed chunk by chunk and never stored whole::
@@ -469,7 +430,8 @@ def linear_kd_loss(
                      student_softcap)
         z_t = logits(teacher_hidden, teacher_weight, teacher_bias, teacher_logit_scale,
                      teacher_softcap)
-        loss = fastkd.kd_loss(z_s, z_t, labels, temperature=temperature, alpha=alpha, ...)
+        loss = fastkd.kd_loss(z_s, z_t, labels, temperature=temperature, alpha=alpha,
+                              divergence=divergence, ...)   # every other option alike
 
     Args:
         student_hidden, teacher_hidden: (..., H_s) and (..., H_t) hidden states with the same
@@ -481,7 +443,8 @@ def linear_kd_loss(
         student_bias, teacher_bias: optional (V,) biases.
         student_logit_scale, teacher_logit_scale: > 0, multiply the logits before the softcap.
         student_softcap, teacher_softcap: None or c > 0: z -> c * tanh(z / c) (Gemma).
-        temperature, alpha, ignore_index, reduction, normalizer: as in :func:`fastkd.kd_loss`.
+        temperature, alpha, divergence, beta, skew, label_smoothing, z_loss, ignore_index,
+        reduction, normalizer, return_components: as in :func:`fastkd.kd_loss`.
         chunk_size: rows per chunk; None picks :func:`default_chunk_size` (a cap on chunk * V).
 
     Gradients reach every input that requires grad (the teacher's tensors only if they do), and
@@ -508,54 +471,62 @@ def linear_kd_loss(
                          f"size, got {vocab} and {teacher_vocab}{hint}")
     _check_bias("student", student_weight, student_bias, autocast)
     _check_bias("teacher", teacher_weight, teacher_bias, autocast)
-    _check_labels(labels, leading_shape, device)
-    temperature, alpha = _options(temperature, alpha, ignore_index, reduction, labels is not None)
+    check_labels(labels, leading_shape, device)
+    options = check_loss_options(
+        temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
+        label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
+        reduction=reduction, has_labels=labels is not None)
     normalizer = check_normalizer(normalizer, reduction, device)
     scales = (_check_scale("student_logit_scale", student_logit_scale),
               _check_scale("teacher_logit_scale", teacher_logit_scale))
     softcaps = (_check_softcap("student_softcap", student_softcap),
                 _check_softcap("teacher_softcap", teacher_softcap))
+    _check_chunk_size(chunk_size)
+    if not isinstance(return_components, bool):
+        raise TypeError(f"return_components must be a bool, got "
+                        f"{type(return_components).__name__}")
     n_rows = math.prod(leading_shape)
-    if chunk_size is None:
-        chunk = default_chunk_size(n_rows, vocab, device)
-    else:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        chunk = min(chunk_size, max(n_rows, 1))
-    cast_dtype = _autocast_dtype(device)
-    tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-               teacher_bias)
-    if cast_dtype is None:
-        dtypes = [t.dtype for t in tensors if t is not None]
-        compute_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-    else:
-        compute_dtype = torch.float32
-    spec = _Spec(temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-                 reduction=reduction, normalizer=normalizer, leading_shape=leading_shape,
-                 vocab=vocab, chunk=chunk, scales=scales, softcaps=softcaps,
-                 cast_dtype=cast_dtype, compute_dtype=compute_dtype)
+    chunk = (default_chunk_size(n_rows, vocab, device) if chunk_size is None
+             else min(chunk_size, max(n_rows, 1)))
 
     s_dtype, t_dtype = student_hidden.dtype, teacher_hidden.dtype
     student_weight, student_bias = (_full_tensor(student_weight, s_dtype),
                                     _full_tensor(student_bias, s_dtype))
     teacher_weight, teacher_bias = (_full_tensor(teacher_weight, t_dtype),
                                     _full_tensor(teacher_bias, t_dtype))
-    hs = student_hidden.reshape(n_rows, student_hidden.shape[-1])
-    ht = teacher_hidden.reshape(n_rows, teacher_hidden.shape[-1])
-    labels_1d = labels.reshape(n_rows) if labels is not None else None
-    inputs = (hs, student_weight, student_bias, ht, teacher_weight, teacher_bias)
+    inputs = (student_hidden.reshape(n_rows, student_hidden.shape[-1]), student_weight,
+              student_bias, teacher_hidden.reshape(n_rows, teacher_hidden.shape[-1]),
+              teacher_weight, teacher_bias,
+              labels.reshape(n_rows) if labels is not None else None)
+    cast_dtype = _autocast_dtype(device)
+    present = [t for t in inputs[:6] if t is not None]
     grad_enabled = torch.is_grad_enabled()
-    wants = tuple(grad_enabled and t is not None and t.requires_grad for t in inputs)
+    plan = LinearPlan(
+        options=options, normalizer=normalizer, leading_shape=leading_shape, vocab=vocab,
+        chunk=chunk, scales=scales, softcaps=softcaps, cast_dtype=cast_dtype,
+        compute_dtype=torch.float32 if cast_dtype is not None else _ops.loss_dtype(*present),
+        wants=tuple(grad_enabled and t is not None and t.requires_grad for t in inputs[:6]),
+    )
+    refuse_function_transforms(*present)
     with _no_autocast(device):
-        if not any(wants):
-            loss, _, _ = _run_chunks(spec, labels_1d, wants, None, *inputs)
+        if not any(plan.wants):
+            loss, components, _ = _run_chunks(plan, plan.wants, None, *inputs)
         elif reduction == "none":
-            loss = _RecomputedRows.apply(spec, labels_1d, wants, *inputs)
+            loss, components = _RecomputedRows.apply(plan, *inputs)
         else:
-            loss = _SavedGradients.apply(spec, labels_1d, wants, *inputs)
+            loss, components = SavedGradientLoss.apply(_run_saved, plan, *inputs)
+    if return_components:
+        return make_components(loss, components)
     return loss
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
 class LinearKDLoss(torch.nn.Module):
@@ -569,23 +540,27 @@ class LinearKDLoss(torch.nn.Module):
     """
 
     def __init__(self, *, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
-                 teacher_softcap=None, temperature=1.0, alpha=None, ignore_index=-100,
-                 reduction="mean", chunk_size=None):
+                 teacher_softcap=None, temperature=1.0, alpha=None, divergence="forward_kl",
+                 beta=0.5, skew=0.1, label_smoothing=0.0, z_loss=0.0, ignore_index=-100,
+                 reduction="mean", chunk_size=None, return_components=False):
         super().__init__()
-        _options(temperature, alpha, ignore_index, reduction, None)
+        self.options = dict(
+            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+            temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
+            label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
+            reduction=reduction, chunk_size=chunk_size, return_components=return_components,
+        )
+        # Fail at construction, not at the first training step.
+        check_loss_options(
+            temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
+            label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
+            reduction=reduction, has_labels=None)
         _check_scale("student_logit_scale", student_logit_scale)
         _check_scale("teacher_logit_scale", teacher_logit_scale)
         _check_softcap("student_softcap", student_softcap)
         _check_softcap("teacher_softcap", teacher_softcap)
-        if chunk_size is not None and (isinstance(chunk_size, bool)
-                                       or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-        self.options = dict(
-            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-            temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-            chunk_size=chunk_size,
-        )
+        _check_chunk_size(chunk_size)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, normalizer=None):

@@ -357,7 +357,7 @@ BAD_INPUTS = {
     "scale_nan": ({}, dict(teacher_logit_scale=float("nan")), ValueError, "teacher_logit_scale"),
     "chunk_zero": ({}, dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
     "chunk_float": ({}, dict(chunk_size=2.0), TypeError, "chunk_size must be an int"),
-    "temperature": ({}, dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    "temperature": ({}, dict(temperature=0.0), ValueError, "temperature must lie in"),
     "reduction": ({}, dict(reduction="avg"), ValueError, "reduction must be one of"),
     "alpha_without_labels": (dict(labels=None), dict(alpha=0.5), ValueError, "needs labels"),
     "normalizer_with_mean": ({}, dict(normalizer=3.0), ValueError, "reduction='sum'"),
