@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, float64_truth, make_labels, random_grad_output, tolerance
+from helpers import (
+    assert_close,
+    family_truth,
+    float64_truth,
+    make_labels,
+    random_grad_output,
+    tolerance,
+)
 
 import fastkd
 from fastkd import kernels as _kernels_package  # noqa: F401  (fastkd.kernels is importable)
@@ -16,8 +23,12 @@ from fastkd.kernels.kd_loss import MAX_ON_CHIP_V
 from fastkd.linear import default_chunk_size
 
 IGNORE = -100
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+# The interpreter evaluates masked-off lanes too (-inf - -inf, log 0 there); kernels discard them.
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
 
+LOSS_OPTIONS = ("temperature", "alpha", "reduction", "divergence", "beta", "skew",
+                "label_smoothing", "z_loss", "normalizer")
 NAMES = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
          "teacher_bias")
 
@@ -51,7 +62,7 @@ def project64(hidden, weight, bias, scale, softcap):
 
 def truth(tensors, labels, *, scales=(1.0, 1.0), softcaps=(None, None), grad_output=None,
           **options):
-    """float64 loss and gradients of every tensor that requires grad."""
+    """float64 loss, gradients of every tensor that requires grad, and the components."""
     leaves = [None if t is None else t.detach().double().requires_grad_(t.requires_grad)
               for t in tensors]
     z_s = project64(*leaves[:3], scales[0], softcaps[0])
@@ -61,33 +72,49 @@ def truth(tensors, labels, *, scales=(1.0, 1.0), softcaps=(None, None), grad_out
     outputs = [z_s] + ([z_t] if z_t.requires_grad else [])
     grads = [result.grad_student] + ([result.grad_teacher] if z_t.requires_grad else [])
     torch.autograd.backward(outputs, grads)
-    return result.loss, [None if t is None else t.grad for t in leaves]
+    components = result.components
+    if components is None:  # the closed-form path gives none: the family truth does
+        components = family_truth(z_s.detach(), z_t.detach(), labels, **options).components
+    return result.loss, [None if t is None else t.grad for t in leaves], components
 
 
-def run(tensors, labels, *, grad_output=None, **kwargs):
+def run(tensors, labels, *, grad_output=None, components=False, **kwargs):
+    """(loss, gradients), and the components as a third item when asked for."""
     for t in tensors:
         if t is not None:
             t.grad = None
-    loss = fastkd.linear_kd_loss(*tensors[:2], *tensors[3:5], labels, student_bias=tensors[2],
-                                 teacher_bias=tensors[5], **kwargs)
+    result = fastkd.linear_kd_loss(*tensors[:2], *tensors[3:5], labels, student_bias=tensors[2],
+                                   teacher_bias=tensors[5], return_components=components,
+                                   **kwargs)
+    loss = result.loss if components else result
     if grad_output is not None:
         loss.backward(grad_output.to(loss.dtype))
     elif any(t is not None and t.requires_grad for t in tensors):
         loss.backward()
-    return loss.detach(), [None if t is None else t.grad for t in tensors]
+    grads = [None if t is None else t.grad for t in tensors]
+    if components:
+        return loss.detach(), grads, (result.divergence, result.ce, result.lse_squared)
+    return loss.detach(), grads
 
 
 def check(tensors, labels, backend_name, *, grad_output=None, what="", **kwargs):
     """fastkd's loss and every gradient within the helpers' tolerance of the float64 truth."""
-    loss_options = {k: kwargs[k] for k in ("temperature", "alpha", "reduction") if k in kwargs}
+    loss_options = {k: kwargs[k] for k in LOSS_OPTIONS if k in kwargs}
     scales = (kwargs.get("student_logit_scale", 1.0), kwargs.get("teacher_logit_scale", 1.0))
     softcaps = (kwargs.get("student_softcap"), kwargs.get("teacher_softcap"))
-    loss64, grads64 = truth(tensors, labels, scales=scales, softcaps=softcaps,
-                            grad_output=grad_output, ignore_index=IGNORE, **loss_options)
-    loss, grads = run(tensors, labels, grad_output=grad_output, **kwargs)
+    loss64, grads64, components64 = truth(tensors, labels, scales=scales, softcaps=softcaps,
+                                          grad_output=grad_output, ignore_index=IGNORE,
+                                          **loss_options)
+    loss, grads, components = run(tensors, labels, grad_output=grad_output, components=True,
+                                  **kwargs)
     dtype = tensors[0].dtype
-    assert_close(loss, loss64, tolerance(dtype, "loss", backend_name), what=f"{what} loss",
+    loss_tol = tolerance(dtype, "loss", backend_name)
+    assert_close(loss, loss64, loss_tol, what=f"{what} loss",
                  record=f"linear {backend_name} {dtype} loss", scale_floor=1.0)
+    for name, part, part64 in zip(("divergence", "ce", "lse_squared"), components,
+                                  components64, strict=True):
+        assert not part.requires_grad
+        assert_close(part, part64, loss_tol, what=f"{what} {name}", scale_floor=1.0)
     for name, tensor, grad, grad64 in zip(NAMES, tensors, grads, grads64, strict=True):
         if tensor is None or not tensor.requires_grad:
             assert grad is None, f"{what}: {name} got a gradient it did not ask for"
@@ -133,6 +160,24 @@ CASES = {
                                     kw=dict(temperature=3.0)),
     "float64": dict(case=dict(dtype=torch.float64, lead=(7,)),
                     kw=dict(temperature=2.0, chunk_size=2, student_softcap=2.0)),
+    # The divergence family and the CE options, each once, spread over the corners above.
+    "reverse_kl_mutual": dict(case=dict(teacher_grad=True),
+                              kw=dict(divergence="reverse_kl", temperature=2.0, chunk_size=5)),
+    "jsd_softcap_smoothing": dict(
+        case=dict(lead=(2, 5), bias=(True, True)),
+        kw=dict(divergence="jsd", beta=0.3, label_smoothing=0.1, student_softcap=4.0,
+                chunk_size=3)),
+    "tvd_z_loss_sum_normalizer": dict(
+        case=dict(), kw=dict(divergence="tvd", z_loss=1e-2, reduction="sum", normalizer=7.5,
+                             chunk_size=5), grad_output=True),
+    "skew_kl_bf16": dict(case=dict(dtype=torch.bfloat16),
+                         kw=dict(divergence="skew_kl", skew=0.2, temperature=2.0, chunk_size=7)),
+    "skew_reverse_kl_none_mutual": dict(
+        case=dict(teacher_grad=True, lead=(3, 3)),
+        kw=dict(divergence="skew_reverse_kl", reduction="none", teacher_softcap=3.0,
+                chunk_size=4), grad_output=True),
+    "jsd_beta1_is_reverse_kl": dict(case=dict(labels=False),
+                                    kw=dict(divergence="jsd", beta=1.0, chunk_size=5)),
 }
 
 
@@ -177,6 +222,21 @@ def test_no_grad_computes_the_loss_only(backend_name):
     torch.testing.assert_close(loss, with_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_runs_once_and_refuses_create_graph(reduction):
+    tensors, labels = make_case()
+    loss = fastkd.linear_kd_loss(*tensors[:2], *tensors[3:5], labels, chunk_size=5,
+                                 reduction=reduction).sum()
+    loss.backward(retain_graph=True)
+    if reduction != "none":  # "none" recomputes in backward: a second one is just as right
+        with pytest.raises(RuntimeError, match="only once"):
+            loss.backward()
+    loss = fastkd.linear_kd_loss(*tensors[:2], *tensors[3:5], labels, chunk_size=5,
+                                 reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, tensors[0], create_graph=True)
+
+
 def test_default_chunk_size_is_a_budget_on_chunk_times_vocab():
     assert default_chunk_size(10**6, 32000, torch.device("cpu")) == 256
     assert default_chunk_size(10**6, 151936, torch.device("cuda")) == 832
@@ -189,7 +249,7 @@ def test_autocast_projects_in_the_autocast_dtype(backend_name):
     tensors, labels = make_case(bias=(True, True))
     rounded = [None if t is None else t.detach().to(torch.bfloat16).to(torch.float32)
                .requires_grad_(t.requires_grad) for t in tensors]
-    loss64, grads64 = truth(rounded, labels, temperature=2.0, ignore_index=IGNORE)
+    loss64, grads64, _ = truth(rounded, labels, temperature=2.0, ignore_index=IGNORE)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, grads = run(tensors, labels, temperature=2.0, chunk_size=5)
     assert loss.dtype == torch.float32

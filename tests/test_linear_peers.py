@@ -48,10 +48,14 @@ def _divergence(beta):
 
 
 TRL_CASES = {
-    "forward_kl_T2": dict(beta=0.0, temperature=2.0),
-    "forward_kl_bias_scale_softcap": dict(beta=0.0, temperature=1.5, bias=True,
-                                          student_logit_scale=0.8, teacher_logit_scale=1.25,
-                                          student_softcap=4.0, teacher_softcap=3.0),
+    "beta0_forward_kl_T2": dict(beta=0.0, temperature=2.0),
+    "beta0_bias_scale_softcap": dict(beta=0.0, temperature=1.5, bias=True,
+                                     student_logit_scale=0.8, teacher_logit_scale=1.25,
+                                     student_softcap=4.0, teacher_softcap=3.0),
+    "beta_half_jsd_softcap": dict(beta=0.5, temperature=2.0, student_softcap=3.0,
+                                  teacher_logit_scale=0.7),
+    "beta1_reverse_kl_bias_scale": dict(beta=1.0, temperature=1.0, bias=True,
+                                        student_logit_scale=1.5, teacher_softcap=5.0),
 }
 
 
@@ -82,8 +86,9 @@ def test_equals_trl_chunked_divergence(name):
 
 
 LIGER_CASES = {
-    "forward_kl_T2": dict(beta=0.0, temperature=2.0, alpha=0.5),
-    "forward_kl_bias_T1": dict(beta=0.0, temperature=1.0, alpha=0.3, bias=True),
+    "beta0_forward_kl_T2": dict(beta=0.0, temperature=2.0, alpha=0.5),
+    "beta_half_jsd_bias_T1": dict(beta=0.5, temperature=1.0, alpha=0.3, bias=True),
+    "beta1_reverse_kl_T3": dict(beta=1.0, temperature=3.0, alpha=0.8),
 }
 
 

@@ -33,8 +33,8 @@ import torch
 from .cases import ALPHA, DTYPES, IGNORE_INDEX, IGNORED_FRACTION, LOGIT_STD, TEMPERATURE
 from .measure import RssPeak, Settings, _cpu_median_ms, _gpu_median_ms
 
-# The divergence every provider computes (TRL and Liger: generalised JSD at beta 0 is forward KL).
-DIVERGENCE, BETA = "forward_kl", 0.5
+# The divergence every provider computes: the generalised JSD at beta = 0.5 (TRL, Liger).
+DIVERGENCE, BETA = "jsd", 0.5
 MIB = 1 << 20
 
 
