@@ -55,11 +55,11 @@ from ._spec import (
 __all__ = ["linear_kd_loss", "LinearKDLoss", "CHUNK_BUDGET_ELEMENTS", "default_chunk_size"]
 
 # chunk_size=None: the largest chunk whose logits hold at most this many elements (C * V), per
-# device type. On CPU 2^23 fp32 elements (32 MiB per buffer) keeps the chunk buffers a fraction of
-# explicit logits at N = 2048; on GPU 2^27 (512 MiB per buffer) keeps the GEMMs large (C = 832 at
-# V = 151936).
-CHUNK_BUDGET_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 23}
-_DEFAULT_BUDGET = 1 << 23
+# device type. On CPU 2^22 fp32 elements (16 MiB per buffer, C = 128 at V = 32000): below that the
+# row kernel's own scratch dominates, and C = 128 rows still make full-speed CPU GEMMs. On GPU
+# 2^27 (512 MiB per buffer) keeps the GEMMs large (C = 832 at V = 151936).
+CHUNK_BUDGET_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 22}
+_DEFAULT_BUDGET = 1 << 22
 # Chunks of at least this many rows are rounded down to a multiple of it (GEMM tile sizes).
 _CHUNK_ALIGN = 64
 
@@ -304,6 +304,8 @@ class _Head:
         """(dH, dW, db) as (2-D gradient, shape) pairs in their tensors' dtypes, or None."""
         dh, dw, db = self.dh, self.dw, self.db
         if dw is not None:
+            if self.first:  # no rows: no chunk wrote the accumulator
+                dw.zero_()
             if self.scale != 1.0:
                 dw.mul_(self.scale)
             dw = dw.to(self.weight_dtype)

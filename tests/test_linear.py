@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_cuda
 from helpers import (
     assert_close,
     family_truth,
@@ -18,7 +19,6 @@ from helpers import (
 )
 
 import fastkd
-from fastkd import kernels as _kernels_package  # noqa: F401  (fastkd.kernels is importable)
 from fastkd.kernels.kd_loss import MAX_ON_CHIP_V
 from fastkd.linear import default_chunk_size
 
@@ -141,6 +141,7 @@ CASES = {
                                kw=dict(reduction="sum", chunk_size=4, alpha=0.3),
                                grad_output=True),
     "one_row": dict(case=dict(lead=(1,), ignore_rows=()), kw=dict(temperature=0.7, chunk_size=3)),
+    "no_rows_sum": dict(case=dict(lead=(0,), ignore_rows=()), kw=dict(reduction="sum")),
     "student_softcap_scale": dict(
         case=dict(lead=(2, 5)),
         kw=dict(student_softcap=3.0, student_logit_scale=1.7, temperature=2.0, chunk_size=3)),
@@ -238,7 +239,7 @@ def test_backward_runs_once_and_refuses_create_graph(reduction):
 
 
 def test_default_chunk_size_is_a_budget_on_chunk_times_vocab():
-    assert default_chunk_size(10**6, 32000, torch.device("cpu")) == 256
+    assert default_chunk_size(10**6, 32000, torch.device("cpu")) == 128
     assert default_chunk_size(10**6, 151936, torch.device("cuda")) == 832
     assert default_chunk_size(5, 32000, torch.device("cpu")) == 5
     assert default_chunk_size(10**6, 10**9, torch.device("cpu")) == 1
@@ -301,10 +302,12 @@ def test_model_step_equals_explicit_logits(backend_name, tied, checkpointing):
     options = dict(temperature=2.0, alpha=0.5)
 
     def fused(embedded):
+        # Shifted as in causal LM training: non-contiguous slices of hidden states and labels.
         head = model.lm_head
         hidden = torch.tanh(model.layer(embedded))
-        return fastkd.linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_weight,
-                                     labels, student_bias=head.bias, chunk_size=5, **options)
+        return fastkd.linear_kd_loss(hidden[:, :-1], head.weight, teacher_hidden[:, :-1],
+                                     teacher_weight, labels[:, 1:], student_bias=head.bias,
+                                     chunk_size=4, **options)
 
     embedded = model.embed(tokens)
     if checkpointing is None:
@@ -315,8 +318,9 @@ def test_model_step_equals_explicit_logits(backend_name, tied, checkpointing):
         # The loss inside the checkpointed region: its forward runs again in backward.
         loss = checkpoint(fused, embedded, use_reentrant=checkpointing == "reentrant")
     grads = _model_grads(model, loss)
-    explicit = fastkd.reference.kd_loss(model.lm_head(model(tokens)), teacher_hidden @
-                                        teacher_weight.T, labels, **options)
+    explicit = fastkd.reference.kd_loss(model.lm_head(model(tokens))[:, :-1],
+                                        (teacher_hidden @ teacher_weight.T)[:, :-1],
+                                        labels[:, 1:], **options)
     expected = _model_grads(model, explicit)
     assert_close(loss, explicit, tolerance(torch.float64, "loss", backend_name), what="loss",
                  scale_floor=1.0)
@@ -436,3 +440,15 @@ def test_module_checks_options_at_construction():
         fastkd.LinearKDLoss(student_softcap=-2.0)
     with pytest.raises(ValueError, match="temperature"):
         fastkd.LinearKDLoss(temperature=-1.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_half_gemms_match_float64(dtype):
+    """On CUDA, bf16 projections run as half GEMMs with fp32 results (torch.mm out_dtype)."""
+    tensors, labels = make_case(lead=(4, 33), h_s=64, h_t=48, vocab=MAX_ON_CHIP_V + 3,
+                                dtype=dtype, bias=(True, True), teacher_grad=True)
+    tensors = [None if t is None else t.detach().cuda().requires_grad_(t.requires_grad)
+               for t in tensors]
+    check(tensors, labels.cuda(), "triton", temperature=2.0, alpha=0.5, student_softcap=30.0,
+          chunk_size=40, divergence="jsd", what=f"cuda {dtype}")

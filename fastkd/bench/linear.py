@@ -22,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -266,6 +267,9 @@ def _measure_into(record, case, fn, settings, reference_loss):
             step, reset, settings.cpu_reps - 1, settings.cpu_budget_s - first_ms * 1e-3,
             [first_ms])
     record["loss"] = float(loss.detach())
+    # Other processes on the machine skew CPU timings: say how busy it was.
+    record["load_average_1min"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") \
+        else None
     if reference_loss is not None and record["provider"] not in ("trl", "gemms"):
         record["loss_rel_err"] = abs(record["loss"] - reference_loss) / abs(reference_loss)
     record["logits_bytes"] = case.n_rows * case.vocab * torch.empty(
@@ -285,9 +289,14 @@ def _worker(request_path: str) -> int:
     return 0
 
 
-def run_suite(cases, providers, settings: Settings, *, isolate: bool, on_result=None):
-    references = {case.name: float64_loss(case, settings.device, settings.seed)
-                  for case in cases}
+def run_suite(cases, providers, settings: Settings, *, isolate: bool, on_result=None,
+              references: dict | None = None):
+    """Records of every provider on every case; `references` caches the float64 losses by case
+    name (filled in here for the cases it lacks)."""
+    references = {} if references is None else references
+    for case in cases:
+        if case.name not in references:
+            references[case.name] = float64_loss(case, settings.device, settings.seed)
     records = []
 
     def emit(record):
@@ -386,13 +395,24 @@ def run_from_cli(args) -> int:
             print(f"{record['case']:<28} {record['provider']:<14} {record['status']}: "
                   f"{record['reason']}", file=sys.stderr, flush=True)
 
-    records = run_suite(cases, providers, settings, isolate=device == "cpu" and not
-                        args.no_isolate, on_result=on_result)
+    # Runs with different --linear-providers add up: the float64 references and the records of
+    # other providers are kept (a provider's new record replaces its old one).
+    reference_path = out_dir / f"linear_reference_seed{args.seed}.json"
+    references = json.loads(reference_path.read_text()) if reference_path.exists() else {}
+    for case in cases:
+        if case.name not in references:
+            references[case.name] = float64_loss(case, settings.device, settings.seed)
+            reference_path.write_text(json.dumps(references))
+    new = run_suite(cases, providers, settings, isolate=device == "cpu" and not args.no_isolate,
+                    on_result=on_result, references=references)
+    results_path = out_dir / "linear_results.json"
+    old = json.loads(results_path.read_text())["records"] if results_path.exists() else []
+    replaced = {(r["case"], r["provider"]) for r in new}
+    records = [r for r in old if (r["case"], r["provider"]) not in replaced] + new
     meta = {"device": device, "shapes": shapes, "temperature": TEMPERATURE, "alpha": ALPHA,
             "divergence": DIVERGENCE, "beta": BETA, "ignored_fraction": IGNORED_FRACTION,
             "torch_threads": settings.cpu_threads or torch.get_num_threads()}
-    (out_dir / "linear_results.json").write_text(json.dumps({"meta": meta, "records": records},
-                                                            indent=1))
+    results_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     table = results_table(records)
     (out_dir / "linear_results.md").write_text(
         f"# fastkd fused-linear benchmark ({device})\n\n{json.dumps(meta)}\n\n{table}\n")
