@@ -251,7 +251,7 @@ class _Head:
         h = self.hidden[start:stop].to(self.hidden_dtype).to(self.gemm_dtype)
         self.h_chunk = h
         if self.half_gemm:
-            out.copy_(torch.mm(h, self.weight.T, out_dtype=self.cdtype))
+            torch.mm(h, self.weight.T, out_dtype=self.cdtype, out=out)
             if self.bias is not None:
                 out.add_(self.bias)
             if self.scale != 1.0:
@@ -286,15 +286,13 @@ class _Head:
                 dh.mul_(self.scale)
             self.dh[start:stop].copy_(dh)
         if self.want_w:
+            # beta=0 on the first chunk: the uninitialised accumulator is never read.
+            beta = 0.0 if self.first else 1.0
             if self.half_gemm:
-                part = torch.mm(grad.to(self.gemm_dtype).T, h, out_dtype=self.cdtype)
-                if self.first:
-                    self.dw.copy_(part)
-                else:
-                    self.dw.add_(part)
+                torch.addmm(self.dw, grad.to(self.gemm_dtype).T, h, out_dtype=self.cdtype,
+                            beta=beta, out=self.dw)
             else:
-                # beta=0 on the first chunk: the uninitialised accumulator is never read.
-                torch.addmm(self.dw, grad.T, h, beta=0.0 if self.first else 1.0, out=self.dw)
+                torch.addmm(self.dw, grad.T, h, beta=beta, out=self.dw)
         if self.want_b:
             self.db.add_(grad.sum(0))
         self.first = False
