@@ -11,6 +11,9 @@ Both skip when the library is not installed (they are benchmark/test extras).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import make_labels
@@ -18,6 +21,23 @@ from helpers import make_labels
 import fastkd
 
 IGNORE = -100
+
+
+def import_peer(name: str):
+    """Import an optional peer library, or skip the test when it is not installed.
+
+    Run from a checkout (the repository root on sys.path), transformers, which TRL imports, would
+    take the checkout's top-level kernels/ folder for the Hugging Face `kernels` package and fail
+    to import it; the root is left off sys.path while the peer loads (an installed fastkd has no
+    top-level kernels package).
+    """
+    root = Path(fastkd.__file__).resolve().parent.parent
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+    try:
+        return pytest.importorskip(name)
+    finally:
+        sys.path[:] = saved
 
 
 def _inputs(*, lead=(2, 7), h_s=16, h_t=24, vocab=300, bias=False, seed=0):
@@ -61,7 +81,7 @@ TRL_CASES = {
 
 @pytest.mark.parametrize("name", sorted(TRL_CASES))
 def test_equals_trl_chunked_divergence(name):
-    pytest.importorskip("trl")
+    import_peer("trl.trainer.distillation_trainer")
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
     case = dict(TRL_CASES[name])
@@ -94,7 +114,7 @@ LIGER_CASES = {
 
 @pytest.mark.parametrize("name", sorted(LIGER_CASES))
 def test_equals_liger_fused_linear_jsd(name):
-    pytest.importorskip("liger_kernel")
+    import_peer("liger_kernel.chunked_loss")
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     case = LIGER_CASES[name]
