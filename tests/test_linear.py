@@ -333,26 +333,33 @@ def test_model_step_equals_explicit_logits(backend_name, tied, checkpointing):
 # aot_eager traces the whole step (dynamo, then AOT autograd with the custom ops' mutations
 # functionalised) in a few seconds; inductor adds C++ code generation (about 20 s on 2 cores) and
 # runs once, for one chunk.
-@pytest.mark.parametrize("backend_name,compiler,chunk_size", [
-    ("torch", "aot_eager", 5), ("triton", "aot_eager", 5), ("torch", "inductor", None)])
-def test_torch_compile_fullgraph(monkeypatch, backend_name, compiler, chunk_size):
+@pytest.mark.parametrize("backend_name,compiler,chunk_size,reduction", [
+    ("torch", "aot_eager", 5, "mean"), ("triton", "aot_eager", 5, "mean"),
+    ("torch", "aot_eager", 5, "none"), ("torch", "inductor", None, "mean")])
+def test_torch_compile_fullgraph(monkeypatch, backend_name, compiler, chunk_size, reduction):
     monkeypatch.setenv("FASTKD_BACKEND", backend_name)
     model = _Body(300, 16, tied=False)
     tokens, teacher_hidden, teacher_weight, labels = _model_inputs()
+    row_weights = torch.linspace(0.5, 1.5, labels.numel()).view(labels.shape)
 
     def step(tokens, teacher_hidden, labels):
         head = model.lm_head
-        return fastkd.linear_kd_loss(model(tokens), head.weight, teacher_hidden, teacher_weight,
-                                     labels, student_bias=head.bias, temperature=2.0,
-                                     student_softcap=5.0, chunk_size=chunk_size)
+        result = fastkd.linear_kd_loss(model(tokens), head.weight, teacher_hidden,
+                                       teacher_weight, labels, student_bias=head.bias,
+                                       temperature=2.0, student_softcap=5.0,
+                                       chunk_size=chunk_size, reduction=reduction,
+                                       divergence="jsd", return_components=True)
+        loss = result.loss if reduction != "none" else (result.loss * row_weights).sum()
+        return loss, result.divergence
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend=compiler)
-    loss = compiled(tokens, teacher_hidden, labels)
+    loss, divergence = compiled(tokens, teacher_hidden, labels)
     grads = _model_grads(model, loss)
-    eager = step(tokens, teacher_hidden, labels)
+    eager, eager_divergence = step(tokens, teacher_hidden, labels)
     expected = _model_grads(model, eager)
     torch.testing.assert_close(loss, eager.detach())
+    torch.testing.assert_close(divergence, eager_divergence)
     for name in grads:
         torch.testing.assert_close(grads[name], expected[name], msg=name)
 
