@@ -349,14 +349,13 @@ KERNELS: dict[str, Kernel] = {
         axes={"dtype": DTYPES, "vocab": ("on-chip 8192", "LLM"), "has_labels": (True, False),
               "grads": ((True, False), (False, False)), "temperature": (2.0, 1.0),
               "k": (64, 2048), "tail": ("bucket", "renormalize"), "stored_tail": (False, True)},
-        vocab_classes={"on-chip 8192": 8000, "LLM": 32000},
+        vocab_classes={"on-chip 8192": 8000, "LLM": 128256},
         full=({"has_labels": (True,), "grads": ((True, False),), "stored_tail": (False,)},
               {"k": (64,), "tail": ("bucket",), "temperature": (2.0,)}),
-        # Both tails on the 8192 class; one chunk of entries (k = 64) at T = 2 and T = 1 and
-        # several chunks (k = 2048) on the loop.
-        core=({"dtype": ("bf16",), "vocab": ("on-chip 8192",), "has_labels": (True,),
-               "grads": ((True, False),), "temperature": (2.0,), "k": (64,),
-               "stored_tail": (False,)},
+        # Both tails with one chunk of entries (k = 64) at T = 2, bucket at T = 1, and several
+        # chunks (k = 2048) on the loop.
+        core=({"dtype": ("bf16",), "has_labels": (True,), "grads": ((True, False),),
+               "temperature": (2.0,), "k": (64,), "stored_tail": (False,)},
               {"dtype": ("bf16",), "vocab": ("LLM",), "has_labels": (True,),
                "grads": ((True, False),), "k": (64,), "tail": ("bucket",),
                "stored_tail": (False,)},
@@ -414,7 +413,7 @@ class Config:
         if case.label_smoothing:
             parts.append(f"smoothing={case.label_smoothing:g}")
         if case.k:
-            parts.append(f"k={case.k} {case.tail}" + (" stored-tail" if case.stored_tail else ""))
+            parts.append(f"{case.tail} k={case.k}" + (" stored-tail" if case.stored_tail else ""))
         return " ".join(parts)
 
     def to_dict(self) -> dict:
