@@ -102,6 +102,16 @@ def refuse_function_transforms(*tensors) -> None:
             )
 
 
+def refuse_double_backward(name: str) -> None:
+    """Raise in a fused loss's backward under create_graph=True: the gradient it returns is not
+    itself differentiable, so a silent answer would be wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name} does not support double backward (create_graph=True): its gradient is "
+            "computed in the forward and is not itself differentiable"
+        )
+
+
 class SavedGradientLoss(torch.autograd.Function):
     """Loss and w * dloss/dinput from one forward; backward scales them by grad_output.
 
@@ -126,11 +136,7 @@ class SavedGradientLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_components):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{ctx.name} does not support double backward (create_graph=True): its "
-                "gradient is computed in the forward and is not itself differentiable"
-            )
+        refuse_double_backward(ctx.name)
         try:
             saved = iter(ctx.saved_tensors)
         except RuntimeError as error:  # the version check: this backward already ran once
