@@ -128,6 +128,8 @@ class SavedGradientLoss(torch.autograd.Function):
     def forward(ctx, run, plan, *inputs):
         loss, components, grads = run(plan, *inputs)
         ctx.mark_non_differentiable(components)
+        # The components are detached: no zero-filled gradient for them in backward.
+        ctx.set_materialize_grads(False)
         saved = [pair[0] for pair in grads if pair is not None]
         ctx.save_for_backward(*saved)
         ctx.shapes = [None if pair is None else pair[1] for pair in grads]
@@ -137,6 +139,8 @@ class SavedGradientLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_components):
         refuse_double_backward(ctx.name)
+        if grad_output is None:  # only the detached components were used downstream
+            return (None,) * (2 + len(ctx.shapes))
         try:
             saved = iter(ctx.saved_tensors)
         except RuntimeError as error:  # the version check: this backward already ran once

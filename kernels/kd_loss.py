@@ -484,9 +484,10 @@ def _store_row_stats(stats_row, row_loss, divergence, ce, lse):
 def _label_logit(s_row, student_col_stride, label, V, HAS_LABELS: tl.constexpr):
     """(s[label], label in [0, V)). Out-of-range labels never touch memory; their NaN makes the
     caller's bug visible."""
-    in_range = (label >= 0) & (label < V)
     s_label = tl.full((), float("nan"), tl.float32)
+    in_range = tl.full((), 1, tl.int1)  # without labels nothing is out of range
     if HAS_LABELS:
+        in_range = (label >= 0) & (label < V)
         s_label = tl.load(s_row + label * student_col_stride, mask=in_range,
                           other=float("nan")).to(tl.float32)
     return s_label, in_range
