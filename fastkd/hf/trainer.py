@@ -21,13 +21,12 @@ collator's ``shift_labels`` as given; hidden states and logits keep their full l
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 import transformers
 
 import fastkd
+from fastkd._spec import check_loss_options
 
 from . import config as hf_config
 
@@ -95,10 +94,6 @@ def _whole(head: hf_config.LMHead, vocab: int | None = None) -> hf_config.LMHead
         weight = weight[:vocab].detach()
         bias = None if bias is None else bias[:vocab].detach()
     return head._replace(weight=weight, bias=bias)
-
-
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
 
 
 class KDTrainer(transformers.Trainer):
@@ -179,11 +174,17 @@ class KDTrainer(transformers.Trainer):
             raise ValueError("this fastkd version has no linear_kd_loss: use fused_linear=False")
         hf_config.check_peft(model)
         hf_config.check_peft(teacher_model)
-        self.loss_options = dict(
+        options = check_loss_options(
             temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
             label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
+            has_labels=True,
         )
-        self.ignore_index = ignore_index
+        self.loss_options = dict(
+            temperature=options.temperature, alpha=options.alpha, divergence=options.divergence,
+            beta=options.beta, skew=options.skew, label_smoothing=options.label_smoothing,
+            z_loss=options.z_loss, ignore_index=options.ignore_index,
+        )
+        self.ignore_index = options.ignore_index
         self.fused_linear = fused_linear
         self.chunk_size = chunk_size
         self._postprocessing = {"student": student_logit_postprocessing,
@@ -208,64 +209,41 @@ class KDTrainer(transformers.Trainer):
             hf_config.verify_lm_head(model, student_head)
             hf_config.verify_lm_head(teacher_model,
                                      hf_config.lm_head(teacher_model, teacher_logit_postprocessing))
-        # Check the options once here rather than at the first step.
-        self._check_options()
         self._component_sums = {"train": None, "eval": None}
         self._component_counts = {"train": 0, "eval": 0}
 
     # ------------------------------------------------------------------ the loss
 
-    def _check_options(self) -> None:
-        probe = torch.zeros(1, 2)
-        self._loss(probe, None, probe, None, torch.zeros(1, dtype=torch.long), None,
-                   fused=False)
-
     def _loss(self, student_hidden, student_head, teacher_hidden, teacher_head, labels,
               normalizer, fused: bool):
-        """The one call into fastkd's losses: (loss, components tensor (3,) or None).
-
-        Without heads the hidden states are taken as logits (used to check the options).
-        """
+        """The one call into fastkd's losses: (loss, detached components tensor (3,))."""
         options = dict(self.loss_options)
         sum_or_mean = dict(reduction="mean") if normalizer is None else dict(
             reduction="sum", normalizer=normalizer)
-        if student_head is None:
-            loss_fn = fastkd.kd_loss
-            inputs = (student_hidden, teacher_hidden, labels)
+        vocab = student_head.weight.shape[0]
+        student_head = _whole(student_head)
+        teacher_head = _whole(teacher_head, vocab)
+        if fused:
+            loss_fn = fastkd.linear_kd_loss
+            inputs = (student_hidden, student_head.weight, teacher_hidden, teacher_head.weight,
+                      labels)
+            options.update(
+                student_bias=student_head.bias, teacher_bias=teacher_head.bias,
+                student_logit_scale=student_head.logit_scale,
+                teacher_logit_scale=teacher_head.logit_scale,
+                student_softcap=student_head.softcap, teacher_softcap=teacher_head.softcap,
+            )
+            if self.chunk_size is not None:
+                options["chunk_size"] = self.chunk_size
         else:
-            vocab = student_head.weight.shape[0]
-            student_head = _whole(student_head)
-            teacher_head = _whole(teacher_head, vocab)
-            if fused:
-                loss_fn = fastkd.linear_kd_loss
-                inputs = (student_hidden, student_head.weight, teacher_hidden,
-                          teacher_head.weight, labels)
-                options.update(
-                    student_bias=student_head.bias, teacher_bias=teacher_head.bias,
-                    student_logit_scale=student_head.logit_scale,
-                    teacher_logit_scale=teacher_head.logit_scale,
-                    student_softcap=student_head.softcap, teacher_softcap=teacher_head.softcap,
-                )
-                if self.chunk_size is not None:
-                    options["chunk_size"] = self.chunk_size
-            else:
-                loss_fn = fastkd.kd_loss
-                student_logits = hf_config.head_logits(student_head, student_hidden)
-                with torch.no_grad():
-                    teacher_logits = hf_config.head_logits(teacher_head, teacher_hidden)
-                inputs = (student_logits, teacher_logits, labels)
-        options.update(sum_or_mean)
-        with_components = _accepts(loss_fn, "return_components")
-        for name in ("divergence", "beta", "skew", "label_smoothing", "z_loss"):
-            if not _accepts(loss_fn, name):
-                default = {"divergence": "forward_kl", "beta": 0.5, "skew": 0.1}.get(name, 0.0)
-                if options.pop(name) != default:
-                    raise ValueError(f"this fastkd version's {loss_fn.__name__} has no {name}=")
-        if with_components:
-            result = loss_fn(*inputs, return_components=True, **options)
-            components = torch.stack([result.divergence, result.ce, result.lse_squared])
-            return result.loss, components.detach()
-        return loss_fn(*inputs, **options), None
+            loss_fn = fastkd.kd_loss
+            student_logits = hf_config.head_logits(student_head, student_hidden)
+            with torch.no_grad():
+                teacher_logits = hf_config.head_logits(teacher_head, teacher_hidden)
+            inputs = (student_logits, teacher_logits, labels)
+        result = loss_fn(*inputs, return_components=True, **options, **sum_or_mean)
+        components = torch.stack([result.divergence, result.ce, result.lse_squared])
+        return result.loss, components.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The distillation loss of one micro-batch, normalised by ``num_items_in_batch``.
@@ -309,13 +287,12 @@ class KDTrainer(transformers.Trainer):
                 teacher_hidden, teacher_head, normalizer,
             )
         mode = "train" if model.training else "eval"
-        if components is not None:
-            if normalizer is not None and self.args.average_tokens_across_devices:
-                components = components * self.accelerator.num_processes
-            sums = self._component_sums[mode]
-            self._component_sums[mode] = components if sums is None else sums + components
-            if mode == "eval":
-                self._component_counts[mode] += 1
+        if normalizer is not None and self.args.average_tokens_across_devices:
+            components = components * self.accelerator.num_processes
+        sums = self._component_sums[mode]
+        self._component_sums[mode] = components if sums is None else sums + components
+        if mode == "eval":
+            self._component_counts[mode] += 1
         return (loss, None) if return_outputs else loss
 
     def _student_loss(self, student, model_inputs, labels, teacher_hidden, teacher_head,
