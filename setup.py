@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ lives at the top of the repository but installs as fastkd.kernels: a top-level
     # module called `kernels` would clash with an existing PyPI package.
-    packages=["fastkd", "fastkd.kernels", "fastkd.bench"],
+    packages=["fastkd", "fastkd.kernels", "fastkd.bench", "fastkd.hf"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -24,8 +24,9 @@ setup(
     extras_require={
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80"],
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7", "tqdm>=4.60"],
+        "hf": ["transformers>=4.46", "accelerate>=1.0"],
         "examples": [
-            "transformers>=4.40", "tokenizers>=0.15", "accelerate>=1.0", "matplotlib>=3.7",
+            "transformers>=4.46", "tokenizers>=0.15", "accelerate>=1.0", "matplotlib>=3.7",
             "tqdm>=4.60",
         ],
         "dev": [

@@ -159,6 +159,11 @@ class KDTrainer(transformers.Trainer):
         verify_lm_head: bool = True,
         **kwargs,
     ):
+        if not hasattr(transformers.Trainer, "_get_num_items_in_batch"):
+            raise ImportError(
+                f"fastkd.hf.KDTrainer needs a transformers whose Trainer counts the step's label "
+                f"tokens in _get_num_items_in_batch (5.x); found {transformers.__version__}"
+            )
         if model is None or teacher_model is None:
             raise ValueError("KDTrainer needs both model (the student) and teacher_model")
         if kwargs.get("compute_loss_func") is not None:
@@ -190,6 +195,10 @@ class KDTrainer(transformers.Trainer):
         self._postprocessing = {"student": student_logit_postprocessing,
                                 "teacher": teacher_logit_postprocessing}
         super().__init__(model=model, args=args, **kwargs)
+        # Transformers versions without loss_is_scaled_for_ga decide the division by the
+        # accumulation steps from this flag alone; the Trainer's compute_loss, the only other
+        # reader, is overridden here.
+        self.model_accepts_loss_kwargs = True
         if self.args.n_gpu > 1:
             raise ValueError(
                 "KDTrainer does not support torch.nn.DataParallel (several GPUs in one process); "
