@@ -122,3 +122,29 @@ def test_helpers_import_without_transformers_imported():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_vlm_that_ignores_its_text_configs_softcap_is_caught():
+    # transformers 5.24's Gemma3ForConditionalGeneration does not apply the text config's
+    # final_logit_softcapping: the config rule alone would distil against other logits.
+    import transformers
+    from hf_models import _common
+
+    text = transformers.Gemma3TextConfig(**_common(32, 2, VOCAB), final_logit_softcapping=0.5)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+                                       boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    assert fhf.logit_postprocessing(model.config) == (1.0, 0.5)  # read via get_text_config
+    assert type(fhf.backbone(model)).__name__ == "Gemma3Model"  # the multimodal body
+    applies_softcap = "final_logit_softcapping" in type(model).forward.__code__.co_names
+    if applies_softcap:  # a transformers that applies it: the rule holds
+        fhf.verify_lm_head(model)
+    else:
+        with pytest.raises(ValueError, match="does not compute its logits"):
+            fhf.verify_lm_head(model)
+        fhf.verify_lm_head(model, fhf.lm_head(model, (1.0, None)))
