@@ -104,6 +104,19 @@ def test_peft_adapter_on_lm_head_is_refused():
         fhf.lm_head(lora)
 
 
+def test_peft_modules_to_save_head_gives_the_trained_copy():
+    peft = pytest.importorskip("peft")
+    model, _ = build("llama")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                         modules_to_save=["lm_head"]))
+    fhf.check_peft(wrapped)
+    head = wrapped.get_base_model().get_output_embeddings()
+    weight = fhf.lm_head(wrapped).weight
+    assert weight is head.modules_to_save[head.active_adapters[0]].weight
+    assert weight.requires_grad and not head.original_module.weight.requires_grad
+    fhf.verify_lm_head(wrapped)
+
+
 def test_peft_prompt_tuning_is_refused():
     peft = pytest.importorskip("peft")
     model, _ = build("llama")
