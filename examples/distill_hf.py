@@ -101,9 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out windows scored during training, for the curves")
     p.add_argument("--heldout-windows", type=int, default=512,
                    help="held-out windows in the final perplexities, evenly spaced (0: all)")
-    p.add_argument("--memory-steps", type=int, default=3,
-                   help="training steps of each KD path in a fresh process to measure its peak "
-                   "memory (0: skip)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip measuring each KD path's peak step memory in a fresh process")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (0: torch's default). These matrices are too small "
                    "to gain from more, and on a shared machine extra threads slow them down")
@@ -299,24 +298,47 @@ def perplexity(model, input_ids, labels, mask, batch_size: int, device) -> float
 # ----------------------------------------------------------------------------- memory
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+class PeakAfterFirstStep(transformers.TrainerCallback):
+    """Peak of the tensor memory allocated during training step 2 (the first allocates what
+    stays, such as the optimiser state, and initialises libraries).
+
+    CUDA: torch.cuda.max_memory_allocated above the allocation before step 2. CPU: the peak of
+    the tensors created in that step, counted by torch's MemTracker (a dispatch mode that follows
+    every storage; None if this torch has none).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.base, self.peak, self.tracker = device, None, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step != 1:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        try:
+            from torch.distributed._tools.mem_tracker import MemTracker
+        except ImportError:
+            return
+        self.tracker = MemTracker()
+        self.tracker.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step != 2:
+            return
+        if self.device.type == "cuda" and self.base is not None:
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.tracker is not None:
+            self.tracker.__exit__(None, None, None)
+            snapshot = self.tracker.get_tracker_snapshot("peak")
+            self.peak = snapshot[torch.device("cpu")]["Total"]
 
 
 def memory_probe(args) -> dict:
-    """Peak memory of `--memory-steps` KDTrainer steps above what exists before the first one.
-
-    CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak resident set (VmHWM), reset
-    to the current size just before training through /proc/self/clear_refs (Linux), in a fresh
-    process so that no earlier allocation is cached by malloc.
-    """
+    """Peak tensor memory of KDTrainer's training step 2 (PeakAfterFirstStep), in a fresh process
+    for each path."""
     device = resolve_device(args.device)
     fused = args.memory_probe == "fused"
     vocab = args.vocab_size
@@ -325,31 +347,22 @@ def memory_probe(args) -> dict:
     student = gpt2(vocab, args.seq_len, args.student_n_layer, args.student_n_embd,
                    args.student_n_head, 0, args.seed + 1).to(device)
     gen = torch.Generator().manual_seed(args.seed)
-    n = args.batch_size * args.memory_steps
-    ids = torch.randint(1, vocab, (n, args.seq_len), generator=gen)
+    steps = 2
+    ids = torch.randint(1, vocab, (args.batch_size * steps, args.seq_len), generator=gen)
     dataset = Windows(ids, torch.roll(ids, -1, dims=1), torch.ones_like(ids))
+    meter = PeakAfterFirstStep(device)
     with tempfile.TemporaryDirectory() as out:
-        trainer = quiet(kd_trainer(args, student, teacher, dataset, Path(out), device, fused,
-                                   args.memory_steps, args.seed))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            trainer.train()
-            peak = torch.cuda.max_memory_allocated(device) - base
-            how = "torch.cuda.max_memory_allocated above the allocation before training"
-        else:
-            base = _rss_kib("VmRSS")
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset the peak RSS to the current RSS
-            except OSError:
-                base = None
-            trainer.train()
-            peak = None if base is None else (_rss_kib("VmHWM") - base) * 1024
-            how = "peak RSS (VmHWM after clear_refs) above the RSS before training"
-    return {"path": args.memory_probe, "peak_bytes": peak, "measured_as": how,
-            "steps": args.memory_steps, "tokens_per_step": args.batch_size * args.seq_len}
+        quiet(kd_trainer(args, student, teacher, dataset, Path(out), device, fused, steps,
+                         args.seed, callbacks=[meter])).train()
+    how = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+           else "torch MemTracker peak of the tensors created")
+    # What the explicit-logits path stores beside the model: student and teacher logits and the
+    # student's logits gradient, each (tokens, V) in float32 here.
+    logits_bytes = 3 * args.batch_size * args.seq_len * vocab * 4
+    return {"path": args.memory_probe, "peak_bytes": meter.peak,
+            "measured_as": f"{how} in training step 2",
+            "tokens_per_step": args.batch_size * args.seq_len,
+            "three_logits_tensors_bytes": logits_bytes}
 
 
 def measure_memory(argv, args) -> dict:
@@ -471,7 +484,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         seconds[name] = time.perf_counter() - t_student
     student_seconds = time.perf_counter() - t0
 
-    memory = measure_memory(argv, args) if args.memory_steps else None
+    memory = None if args.no_memory else measure_memory(argv, args)
 
     # ---- report
     t0 = time.perf_counter()
