@@ -88,7 +88,10 @@ def reduce_rows(row_stats: torch.Tensor, weight: torch.Tensor, options: LossOpti
     return totals[ROW_LOSS], totals[ROW_LOSS + 1:]
 
 
-def _refuse_function_transforms(*tensors) -> None:
+def refuse_function_transforms(*tensors) -> None:
+    """A clear error for torch.func.grad / vmap, which a saved-gradient loss cannot serve."""
+    if torch.compiler.is_compiling():
+        return
     for tensor in tensors:
         if isinstance(tensor, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(
                 tensor):
@@ -102,6 +105,8 @@ def _refuse_function_transforms(*tensors) -> None:
 class SavedGradientLoss(torch.autograd.Function):
     """Loss and w * dloss/dinput from one forward; backward scales them by grad_output.
 
+    Call ``refuse_function_transforms(*inputs)`` before ``apply``.
+
     `run(plan, *inputs)` returns (loss, components, grads): grads holds, per input, None or a
     pair (gradient as a 2-D tensor, the input's shape). The 2-D gradients are saved and scaled
     in place in backward, so autograd's saved-tensor version check turns a second backward
@@ -111,7 +116,6 @@ class SavedGradientLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, plan, *inputs):
-        _refuse_function_transforms(*inputs)
         loss, components, grads = run(plan, *inputs)
         ctx.mark_non_differentiable(components)
         saved = [pair[0] for pair in grads if pair is not None]

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops, _torch_backend
-from ._autograd import SavedGradientLoss, make_components, reduce_rows, reduction_weight
+from ._autograd import (
+    SavedGradientLoss,
+    make_components,
+    reduce_rows,
+    reduction_weight,
+    refuse_function_transforms,
+)
 from ._spec import ONLINE_DIVERGENCES, LossSpec
 
 
@@ -123,6 +129,7 @@ def _vocab_parallel_rows(plan: DensePlan, student, teacher, labels, weight, grad
 
 def dense_kd_loss(plan: DensePlan, student_logits, teacher_logits, labels,
                   return_components: bool):
+    refuse_function_transforms(student_logits, teacher_logits)
     loss, components = SavedGradientLoss.apply(_run_dense, plan, student_logits,
                                                teacher_logits, labels)
     if return_components:

@@ -98,6 +98,13 @@ def _where_nonzero(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(weight == 0, 0.0, weight * value)
 
 
+def _log_mix(log_x, log_y, weight_x: float):
+    """log(w e^log_x + (1 - w) e^log_y) in log space; exactly log_x where the two are equal, so
+    every divergence is exactly 0 at equal logits."""
+    mixed = torch.logaddexp(log_x + math.log(weight_x), log_y + math.log(1.0 - weight_x))
+    return torch.where(log_x == log_y, log_x, mixed)
+
+
 def divergence_terms(log_p, log_q, options: LossOptions):
     """Elementwise (f, a, b) of the divergence: D = sum f, and with A = sum a, B = sum b
 
@@ -117,7 +124,7 @@ def divergence_terms(log_p, log_q, options: LossOptions):
     lam = options.divergence_parameter
     if divergence == JSD:
         # log M in log space: p and q may both underflow where log p and log q are finite.
-        log_m = torch.logaddexp(log_p + math.log(lam), log_q + math.log(1.0 - lam))
+        log_m = _log_mix(log_p, log_q, lam)
         term_p = _where_nonzero(p, log_p - log_m)
         term_q = _where_nonzero(q, log_q - log_m)
         return lam * term_p + (1.0 - lam) * term_q, (1.0 - lam) * term_q, lam * term_p
@@ -126,14 +133,14 @@ def divergence_terms(log_p, log_q, options: LossOptions):
         return 0.5 * (p - q).abs(), -0.5 * q * sign, 0.5 * p * sign
     if divergence == SKEW_KL:
         # KL(p || r), r = lam p + (1 - lam) q
-        log_r = torch.logaddexp(log_p + math.log(lam), log_q + math.log(1.0 - lam))
+        log_r = _log_mix(log_p, log_q, lam)
         f = _where_nonzero(p, log_p - log_r)
         a = -(1.0 - lam) * _where_nonzero(p, (log_q - log_r).exp())
         b = _where_nonzero(p, log_p - log_r + 1.0 - lam * (log_p - log_r).exp())
         return f, a, b
     if divergence == SKEW_REVERSE_KL:
         # KL(q || r), r = lam q + (1 - lam) p
-        log_r = torch.logaddexp(log_q + math.log(lam), log_p + math.log(1.0 - lam))
+        log_r = _log_mix(log_q, log_p, lam)
         f = _where_nonzero(q, log_q - log_r)
         a = _where_nonzero(q, log_q - log_r + 1.0 - lam * (log_q - log_r).exp())
         b = -(1.0 - lam) * _where_nonzero(q, (log_p - log_r).exp())

@@ -25,6 +25,16 @@ def _kl(log_p, log_q):
     return (p * torch.where(p == 0, 0.0, log_p - log_q)).sum(dim=-1)
 
 
+def _log_mix(log_x, log_y, weight_x: float):
+    """log(weight_x e^log_x + (1 - weight_x) e^log_y) in log space. Where both are -inf the
+    result is -inf, computed from finite stand-ins so that autograd gets no NaN there."""
+    both = torch.isneginf(log_x) & torch.isneginf(log_y)
+    mixed = torch.logsumexp(torch.stack([torch.where(both, 0.0, log_x) + math.log(weight_x),
+                                         torch.where(both, 0.0, log_y) + math.log(1 - weight_x)]),
+                            dim=0)
+    return torch.where(both, float("-inf"), mixed)
+
+
 def row_divergence(log_p, log_q, name: str, *, beta: float = 0.5, skew: float = 0.1):
     """D(p, q) per row from the teacher's and student's log-probabilities at the temperature."""
     if name == "forward_kl" or (name == "jsd" and beta == 0.0):
@@ -32,18 +42,15 @@ def row_divergence(log_p, log_q, name: str, *, beta: float = 0.5, skew: float = 
     if name == "reverse_kl" or (name == "jsd" and beta == 1.0):
         return _kl(log_q, log_p)
     if name == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta),
-                                             log_q + math.log(1 - beta)]), dim=0)
+        log_m = _log_mix(log_p, log_q, beta)
         return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
     if name == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
     if name == "skew_kl":
-        log_r = torch.logsumexp(torch.stack([log_p + math.log(skew),
-                                             log_q + math.log(1 - skew)]), dim=0)
+        log_r = _log_mix(log_p, log_q, skew)
         return _kl(log_p, log_r)
     if name == "skew_reverse_kl":
-        log_r = torch.logsumexp(torch.stack([log_q + math.log(skew),
-                                             log_p + math.log(1 - skew)]), dim=0)
+        log_r = _log_mix(log_q, log_p, skew)
         return _kl(log_q, log_r)
     raise ValueError(name)
 

@@ -68,6 +68,13 @@ def _log_add_exp(x, y):
 
 
 @triton.jit
+def _log_mix(log_x, log_y, log_wx, log_wy):
+    """log(w_x e^log_x + w_y e^log_y), with w_x + w_y = 1: exactly log_x where the two are equal,
+    so every divergence is exactly 0 at equal logits."""
+    return tl.where(log_x == log_y, log_x, _log_add_exp(log_x + log_wx, log_y + log_wy))
+
+
+@triton.jit
 def divergence_terms(log_p, log_q, p, q, lam, log_lam, log_1m_lam, DIVERGENCE: tl.constexpr):
     """(f, a, b) of one block, in natural-log units; see the table at the top of this file."""
     if DIVERGENCE == FORWARD_KL:
@@ -81,7 +88,7 @@ def divergence_terms(log_p, log_q, p, q, lam, log_lam, log_1m_lam, DIVERGENCE: t
         a = _times_nonzero(q, ratio + 1.0)
         b = -q
     elif DIVERGENCE == JSD:
-        log_m = _log_add_exp(log_p + log_lam, log_q + log_1m_lam)
+        log_m = _log_mix(log_p, log_q, log_lam, log_1m_lam)
         term_p = _times_nonzero(p, log_p - log_m)
         term_q = _times_nonzero(q, log_q - log_m)
         f = lam * term_p + (1.0 - lam) * term_q
@@ -94,12 +101,12 @@ def divergence_terms(log_p, log_q, p, q, lam, log_lam, log_1m_lam, DIVERGENCE: t
         a = -0.5 * q * sign
         b = 0.5 * p * sign
     elif DIVERGENCE == SKEW_KL:
-        log_r = _log_add_exp(log_p + log_lam, log_q + log_1m_lam)
+        log_r = _log_mix(log_p, log_q, log_lam, log_1m_lam)
         f = _times_nonzero(p, log_p - log_r)
         a = -(1.0 - lam) * _times_nonzero(p, tl.exp(log_q - log_r))
         b = _times_nonzero(p, log_p - log_r + 1.0 - lam * tl.exp(log_p - log_r))
     else:  # SKEW_REVERSE_KL
-        log_r = _log_add_exp(log_q + log_lam, log_p + log_1m_lam)
+        log_r = _log_mix(log_q, log_p, log_lam, log_1m_lam)
         f = _times_nonzero(q, log_q - log_r)
         a = _times_nonzero(q, log_q - log_r + 1.0 - lam * tl.exp(log_q - log_r))
         b = -(1.0 - lam) * _times_nonzero(q, tl.exp(log_p - log_r))
