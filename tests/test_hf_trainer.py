@@ -63,6 +63,14 @@ def reference_step(student, teacher, rows, **kd):
     return result.loss.detach(), {n: -LR * p.grad for n, p in student.named_parameters()}
 
 
+def check_against_reference(logs, update, student, teacher, rows, rel=1e-6, **kd):
+    """The logged loss and the update equal fastkd.reference's; returns its components."""
+    loss, expected = reference_step(student, teacher, rows, **kd)
+    assert logs["loss"] == pytest.approx(float(loss), rel=rel)
+    assert_updates_close(update, expected)
+    return reference_step.components
+
+
 def assert_updates_close(got, expected, rtol=1e-9):
     for name, value in expected.items():
         scale = value.abs().max().clamp(min=1e-8)
@@ -86,9 +94,7 @@ def test_first_logged_loss_and_update_equal_the_reference_on_shifted_logits(tmp_
     rows = token_batches(2, batch_size=2, seed=3)
     logs, update = one_step(tmp_path, student, teacher, rows, batch_size=2, accumulation=2,
                             fused_linear=fused)
-    loss, expected = reference_step(student, teacher, rows)
-    assert logs["loss"] == pytest.approx(float(loss), rel=1e-6)
-    assert_updates_close(update, expected)
+    check_against_reference(logs, update, student, teacher, rows)
 
 
 def test_accumulation_over_uneven_micro_batches_equals_one_large_batch(tmp_path, pair):
@@ -128,13 +134,10 @@ def test_loss_options_pass_through_and_components_are_logged(tmp_path, pair, fus
     options = dict(divergence="jsd", beta=0.3, label_smoothing=0.1, z_loss=1e-3, alpha=0.7)
     logs, update = one_step(tmp_path, student, teacher, rows, batch_size=2, accumulation=2,
                             fused_linear=fused, **options)
-    loss, expected = reference_step(student, teacher, rows, **options)
-    parts = reference_step.components
-    assert logs["loss"] == pytest.approx(float(loss), rel=1e-6)
+    parts = check_against_reference(logs, update, student, teacher, rows, **options)
     assert logs["kd_divergence"] == pytest.approx(float(parts.divergence), rel=1e-6)
     assert logs["kd_ce"] == pytest.approx(float(parts.ce), rel=1e-6)
     assert logs["kd_lse_squared"] == pytest.approx(float(parts.lse_squared), rel=1e-6)
-    assert_updates_close(update, expected)
 
 
 def test_collator_shift_labels_are_used_as_given(tmp_path, pair):
@@ -151,9 +154,7 @@ def test_collator_shift_labels_are_used_as_given(tmp_path, pair):
     # The reference on the same targets, given as unshifted labels.
     as_labels = [{**r, "labels": F.pad(r["shift_labels"][:-1], (1, 0), value=-100)}
                  for r in shifted]
-    loss, expected = reference_step(student, teacher, as_labels)
-    assert logs["loss"] == pytest.approx(float(loss), rel=1e-5)
-    assert_updates_close(update, expected)
+    check_against_reference(logs, update, student, teacher, as_labels)
 
 
 def test_eval_loss_and_components_are_logged(tmp_path, pair):
