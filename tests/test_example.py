@@ -18,13 +18,15 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_hf.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 TINY_ARGS = [
-    "--no-progress",
-    "--steps", "8", "--teacher-steps", "8", "--batch-size", "4", "--seq-len", "32",
+    "--no-progress", "--teacher-steps", "8",
     "--vocab-size", "384", "--corpus-chars", "150000", "--heldout-windows", "16",
     "--teacher-n-layer", "1", "--teacher-n-embd", "64",
     "--student-n-layer", "1", "--student-n-embd", "32",
     "--eval-every", "4", "--eval-windows", "8",
 ]
+# Student steps and batch shape per backend: Triton's interpreter runs each loss call as Python
+# programs, one per row (seconds per call), so its run is shorter.
+SHAPES = {"torch": ("8", "4", "32"), "triton": ("3", "2", "16")}
 
 
 def load_example():
@@ -73,8 +75,10 @@ def test_distill_hf_runs_offline_and_both_kd_paths_agree(tmp_path, monkeypatch, 
     # The memory probes run in fresh processes: once (PyTorch backend) is enough.
     on_torch_backend = os.environ["FASTKD_BACKEND"] == "torch"  # set by the fixture
     memory = [] if on_torch_backend else ["--no-memory"]
-    report = example.main([*TINY_ARGS, *memory, "--device", backend, "--out", str(out)])
-    steps = 8
+    steps, batch_size, seq_len = SHAPES[os.environ["FASTKD_BACKEND"]]
+    shape = ["--steps", steps, "--batch-size", batch_size, "--seq-len", seq_len]
+    report = example.main([*TINY_ARGS, *shape, *memory, "--device", backend, "--out", str(out)])
+    steps = int(steps)
     assert calls == {"linear_kd_loss": steps, "kd_loss": steps}
     assert report["environment"]["device"] == backend
 
