@@ -40,7 +40,7 @@ def _models():
 
     teacher, _ = build("llama", seed=1, hidden=48, layers=2)
     student, _ = build("gpt2", seed=2, hidden=32, layers=2)
-    return student.double(), teacher.eval()
+    return student.double(), teacher.double().eval()
 
 
 def _rows():
