@@ -30,16 +30,19 @@ CASES = {
     "ddp_fused": dict(fused_linear=True),
     "fsdp2_logits": dict(fused_linear=False, fsdp=True),
     "fsdp2_fused": dict(fused_linear=True, fsdp=True),
+    # An untied lm_head sharded as its own unit: a DTensor inside the student's forward.
+    "fsdp2_head_unit_logits": dict(fused_linear=False, fsdp=True, student="llama"),
+    "fsdp2_head_unit_fused": dict(fused_linear=True, fsdp=True, student="llama"),
 }
-if not hasattr(fastkd, "linear_kd_loss"):
-    CASES = {k: v for k, v in CASES.items() if not v["fused_linear"]}
+if not hasattr(fastkd, "linear_kd_loss"):  # it also gathers a sharded head for KDTrainer
+    CASES = {k: v for k, v in CASES.items() if not v["fused_linear"] and "student" not in v}
 
 
-def _models():
+def _models(student_arch: str = "gpt2"):
     from hf_models import build
 
     teacher, _ = build("llama", seed=1, hidden=48, layers=2)
-    student, _ = build("gpt2", seed=2, hidden=32, layers=2)
+    student, _ = build(student_arch, seed=2, hidden=32, layers=2)
     return student.double(), teacher.double().eval()
 
 
@@ -87,14 +90,16 @@ def run_fsdp2_case(tmp_dir: str, case: dict) -> dict:
 
     import fastkd.hf as fhf
 
-    student, teacher = _models()
+    student, teacher = _models(case.get("student", "gpt2"))
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     trainer = fhf.KDTrainer(model=student, teacher_model=teacher,
                             args=make_args(tmp_dir, 1, 2, ddp_backend="gloo"),
                             train_dataset=_rows(), fused_linear=case["fused_linear"], **KD)
     mesh = init_device_mesh("cpu", (WORLD,))
-    for block in student.transformer.h:
+    for block in student.base_model.layers if "student" in case else student.transformer.h:
         fully_shard(block, mesh=mesh)
+    if "student" in case:
+        fully_shard(student.lm_head, mesh=mesh)
     fully_shard(student, mesh=mesh)
     rank = dist.get_rank()
     rows = _rows()
@@ -168,15 +173,18 @@ def results(tmp_path_factory):
 def single_process():
     from test_hf_trainer import reference_step
 
-    student, teacher = _models()
-    return reference_step(student, teacher, _rows())
+    results = {}
+    for arch in ("gpt2", "llama"):
+        student, teacher = _models(arch)
+        results[arch] = reference_step(student, teacher, _rows())
+    return results
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_make_the_single_process_update(results, single_process, name):
     from test_hf_trainer import assert_updates_close
 
-    loss, expected = single_process
+    loss, expected = single_process[CASES[name].get("student", "gpt2")]
     for rank in range(WORLD):
         result = results[rank][name]
         assert "error" not in result, result.get("error")

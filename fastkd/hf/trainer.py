@@ -79,21 +79,34 @@ def shifted_labels(inputs, ignore_index: int = -100) -> torch.Tensor | None:
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
-def _full(weight: torch.Tensor) -> torch.Tensor:
-    """A parameter sharded as a DTensor (FSDP2 outside the owner's forward), gathered whole."""
-    full_tensor = getattr(weight, "full_tensor", None)
-    return full_tensor() if full_tensor is not None else weight
+def _gathered(head: hf_config.LMHead) -> hf_config.LMHead:
+    """The student's head with whole tensors for the explicit-logits path.
+
+    A head that FSDP2 shards as its own unit is a DTensor inside the student's forward (its own
+    forward never runs). It is gathered as ``fastkd.linear_kd_loss`` gathers it: the gradient of
+    the whole tensor is declared a per-rank partial average, so backward reduce-scatters it to
+    the shards as FSDP2 does every other gradient. The fused path gets the DTensors as they are.
+    """
+    from fastkd.linear import _full_tensor
+
+    def whole(tensor):
+        return None if tensor is None else _full_tensor(tensor, tensor.dtype)
+
+    return head._replace(weight=whole(head.weight), bias=whole(head.bias))
 
 
-def _whole(head: hf_config.LMHead, vocab: int | None = None) -> hf_config.LMHead:
-    """The head with whole (gathered) tensors; with ``vocab``, a teacher's: its first ``vocab``
-    rows, detached (the teacher gets no gradient)."""
-    weight = _full(head.weight)
-    bias = None if head.bias is None else _full(head.bias)
-    if vocab is not None:
-        weight = weight[:vocab].detach()
-        bias = None if bias is None else bias[:vocab].detach()
-    return head._replace(weight=weight, bias=bias)
+def _teacher_head(head: hf_config.LMHead, vocab: int) -> hf_config.LMHead:
+    """The teacher's head, gathered if sharded, cut to the student's ``vocab`` rows, detached
+    (the teacher gets no gradient)."""
+
+    def whole(tensor):
+        if tensor is None:
+            return None
+        full_tensor = getattr(tensor, "full_tensor", None)
+        tensor = full_tensor() if full_tensor is not None else tensor
+        return tensor[:vocab].detach()
+
+    return head._replace(weight=whole(head.weight), bias=whole(head.bias))
 
 
 class KDTrainer(transformers.Trainer):
@@ -230,8 +243,7 @@ class KDTrainer(transformers.Trainer):
         sum_or_mean = dict(reduction="mean") if normalizer is None else dict(
             reduction="sum", normalizer=normalizer)
         vocab = student_head.weight.shape[0]
-        student_head = _whole(student_head)
-        teacher_head = _whole(teacher_head, vocab)
+        teacher_head = _teacher_head(teacher_head, vocab)
         if fused:
             loss_fn = fastkd.linear_kd_loss
             inputs = (student_hidden, student_head.weight, teacher_hidden, teacher_head.weight,
@@ -246,7 +258,7 @@ class KDTrainer(transformers.Trainer):
                 options["chunk_size"] = self.chunk_size
         else:
             loss_fn = fastkd.kd_loss
-            student_logits = hf_config.head_logits(student_head, student_hidden)
+            student_logits = hf_config.head_logits(_gathered(student_head), student_hidden)
             with torch.no_grad():
                 teacher_logits = hf_config.head_logits(teacher_head, teacher_hidden)
             inputs = (student_logits, teacher_logits, labels)
