@@ -108,7 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "to gain from more, and on a shared machine extra threads slow them down")
     p.add_argument("--no-progress", action="store_true",
                    help="print no held-out perplexity lines during training")
+    p.add_argument("--memory-batch-sizes", default="8,128",
+                   help="windows per step at which each KD path's peak step memory is measured "
+                   "(comma-separated; the training batch is too small to need chunking)")
     p.add_argument("--memory-probe", choices=("fused", "logits"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-probe-batch-size", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -348,6 +352,7 @@ def memory_probe(args) -> dict:
                    args.student_n_head, 0, args.seed + 1).to(device)
     gen = torch.Generator().manual_seed(args.seed)
     steps = 2
+    args.batch_size = args.memory_probe_batch_size or args.batch_size
     ids = torch.randint(1, vocab, (args.batch_size * steps, args.seq_len), generator=gen)
     dataset = Windows(ids, torch.roll(ids, -1, dims=1), torch.ones_like(ids))
     meter = PeakAfterFirstStep(device)
@@ -365,16 +370,19 @@ def memory_probe(args) -> dict:
             "three_logits_tensors_bytes": logits_bytes}
 
 
-def measure_memory(argv, args) -> dict:
-    """Run memory_probe for both KD paths, each in its own fresh Python process."""
-    results = {}
-    for path in ("fused", "logits"):
-        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-probe", path]
-        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ),
-                              timeout=1800)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory probe {path} failed:\n{done.stderr[-4000:]}")
-        results[path] = json.loads(done.stdout.strip().splitlines()[-1])
+def measure_memory(argv, args) -> list[dict]:
+    """Run memory_probe for both KD paths at each --memory-batch-sizes, each in its own fresh
+    Python process."""
+    results = []
+    for batch_size in (int(b) for b in args.memory_batch_sizes.split(",") if b.strip()):
+        for path in ("fused", "logits"):
+            command = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-probe",
+                       path, "--memory-probe-batch-size", str(batch_size)]
+            done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ),
+                                  timeout=1800)
+            if done.returncode != 0:
+                raise RuntimeError(f"memory probe {path} failed:\n{done.stderr[-4000:]}")
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return results
 
 
@@ -582,10 +590,11 @@ def print_summary(report: dict, out: Path) -> None:
           f"{report['first_loss_diff_fused_vs_logits']:.3e}, max "
           f"{report['max_abs_loss_diff_fused_vs_logits']:.3e} "
           f"(step {report['max_abs_loss_diff_step']})")
-    if report["peak_memory"]:
-        for path, m in report["peak_memory"].items():
-            value = "n/a" if m["peak_bytes"] is None else f"{m['peak_bytes'] / 2**20:.1f} MiB"
-            print(f"peak memory of a training step, {path}: {value} ({m['measured_as']})")
+    for m in report["peak_memory"] or ():
+        value = "n/a" if m["peak_bytes"] is None else f"{m['peak_bytes'] / 2**20:.1f} MiB"
+        print(f"peak memory of a training step of {m['tokens_per_step']} tokens, {m['path']}: "
+              f"{value} ({m['measured_as']}; the three (tokens, V) float32 logits tensors of "
+              f"the explicit path: {m['three_logits_tensors_bytes'] / 2**20:.1f} MiB)")
     print(f"runtime {seconds['total']:.1f} s (data+tokenizer {seconds['data_and_tokenizer']:.1f}, "
           f"teacher {seconds['teacher']:.1f}, students {seconds['students']:.1f})")
     print(f"wrote {out / 'curves.png'} and {out / 'report.json'}")

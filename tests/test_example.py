@@ -74,7 +74,7 @@ def test_distill_hf_runs_offline_and_both_kd_paths_agree(tmp_path, monkeypatch, 
     out = tmp_path / "run"
     # The memory probes run in fresh processes: once (PyTorch backend) is enough.
     on_torch_backend = os.environ["FASTKD_BACKEND"] == "torch"  # set by the fixture
-    memory = [] if on_torch_backend else ["--no-memory"]
+    memory = ["--memory-batch-sizes", "4"] if on_torch_backend else ["--no-memory"]
     steps, batch_size, seq_len = SHAPES[os.environ["FASTKD_BACKEND"]]
     shape = ["--steps", steps, "--batch-size", batch_size, "--seq-len", seq_len]
     report = example.main([*TINY_ARGS, *shape, *memory, "--device", backend, "--out", str(out)])
@@ -114,9 +114,9 @@ def test_distill_hf_runs_offline_and_both_kd_paths_agree(tmp_path, monkeypatch, 
 
     memory_report = report["peak_memory"]
     if on_torch_backend:
-        assert set(memory_report) == {"fused", "logits"}
-        for path, entry in memory_report.items():
-            assert entry["path"] == path
+        assert [entry["path"] for entry in memory_report] == ["fused", "logits"]
+        for entry in memory_report:
+            assert entry["tokens_per_step"] == 4 * int(seq_len)
             assert entry["peak_bytes"] is None or entry["peak_bytes"] > 0
     else:
         assert memory_report is None
