@@ -35,7 +35,7 @@ __all__ = ["KDTrainer", "run_as_forward", "shifted_labels"]
 LABEL_KEYS = ("labels", "shift_labels")
 # Keys the Trainer or a collator may put in a batch that are not backbone inputs.
 NOT_MODEL_INPUTS = (*LABEL_KEYS, "num_items_in_batch", "return_loss")
-# Logged loss components: name -> index in fastkd.KDLossComponents after the loss.
+# Logged names of fastkd.KDLossComponents' divergence, ce and lse_squared.
 COMPONENTS = ("kd_divergence", "kd_ce", "kd_lse_squared")
 
 
@@ -231,8 +231,11 @@ class KDTrainer(transformers.Trainer):
             hf_config.verify_lm_head(model, student_head)
             hf_config.verify_lm_head(teacher_model,
                                      hf_config.lm_head(teacher_model, teacher_logit_postprocessing))
+        # Detached component sums since the last log, per mode, and eval batches counted.
         self._component_sums = {"train": None, "eval": None}
         self._component_counts = {"train": 0, "eval": 0}
+        self._kd_last_logged_step = 0
+        self._kd_eval_prefix = "eval"
 
     # ------------------------------------------------------------------ the loss
 
@@ -367,10 +370,10 @@ class KDTrainer(transformers.Trainer):
         # Components are gathered like the Trainer's loss: mean over processes, per optimiser
         # step for training, per batch for evaluation. Both logs run on every process.
         if "loss" in logs and self._component_sums["train"] is not None:
-            steps = self.state.global_step - getattr(self, "_kd_last_logged_step", 0)
+            steps = self.state.global_step - self._kd_last_logged_step
             self._kd_last_logged_step = self.state.global_step
             self._add_components(logs, "train", "", max(steps, 1))
-        prefix = getattr(self, "_kd_eval_prefix", "eval")
+        prefix = self._kd_eval_prefix
         if f"{prefix}_loss" in logs and self._component_sums["eval"] is not None:
             count = self._component_counts["eval"]
             self._add_components(logs, "eval", f"{prefix}_", max(count, 1))
