@@ -22,7 +22,8 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80"],
+        # peft: the fastkd.hf tests build LoRA and prompt-tuning models (refusals, adapters).
+        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80", "peft>=0.13"],
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7", "tqdm>=4.60"],
         "hf": ["transformers>=4.46", "accelerate>=1.0"],
         "examples": [
