@@ -33,13 +33,13 @@ def make_args(tmp_path, batch_size, accumulation, steps=1, **extra):
     )
 
 
-def one_step(tmp_path, student, teacher, rows, *, batch_size, accumulation, **kd):
+def one_step(tmp_path, student, teacher, rows, *, batch_size, accumulation, args=None, **kd):
     """One optimiser step of KDTrainer; returns (first logged loss and logs, parameter update)."""
     student = copy.deepcopy(student)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     trainer = fhf.KDTrainer(
-        model=student, teacher_model=teacher,
-        args=make_args(tmp_path, batch_size, accumulation), train_dataset=rows, **{**KD, **kd},
+        model=student, teacher_model=teacher, train_dataset=rows, **{**KD, **kd},
+        args=make_args(tmp_path, batch_size, accumulation, **(args or {})),
     )
     trainer.train()
     logs = next(entry for entry in trainer.state.log_history if "loss" in entry)
@@ -95,6 +95,31 @@ def test_first_logged_loss_and_update_equal_the_reference_on_shifted_logits(tmp_
     logs, update = one_step(tmp_path, student, teacher, rows, batch_size=2, accumulation=2,
                             fused_linear=fused)
     check_against_reference(logs, update, student, teacher, rows)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_gradient_checkpointing_makes_the_same_update(tmp_path, pair, fused):
+    # The backbone's layers recompute their activations in backward, inside the redirected
+    # forward of the student.
+    student, teacher = pair
+    rows = token_batches(1, batch_size=2, seed=14)
+    logs, update = one_step(tmp_path, student, teacher, rows, batch_size=2, accumulation=1,
+                            fused_linear=fused, args=dict(gradient_checkpointing=True))
+    check_against_reference(logs, update, student, teacher, rows)
+
+
+def test_compute_loss_without_a_step_count_is_the_batch_mean(tmp_path, pair):
+    student, teacher = pair
+    rows = token_batches(1, batch_size=2, seed=15)
+    trainer = fhf.KDTrainer(model=copy.deepcopy(student), teacher_model=teacher,
+                            args=make_args(tmp_path, 2, 1), train_dataset=rows,
+                            fused_linear=False, **KD)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    loss = trainer.compute_loss(trainer.model, batch)
+    expected, _ = reference_step(student, teacher, rows)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="needs 'labels'"):
+        trainer.compute_loss(trainer.model, {"input_ids": batch["input_ids"]})
 
 
 def test_accumulation_over_uneven_micro_batches_equals_one_large_batch(tmp_path, pair):
@@ -189,6 +214,12 @@ def test_eval_loss_and_components_are_logged(tmp_path, pair):
     parts = reference_step.components
     assert metrics["eval_kd_divergence"] == pytest.approx(float(parts.divergence), rel=1e-6)
     assert metrics["eval_kd_ce"] == pytest.approx(float(parts.ce), rel=1e-6)
+    # Predictions: the student's logits, beside the same loss.
+    output = trainer.predict(rows)
+    assert output.predictions.shape == (2, rows[0]["input_ids"].numel(),
+                                        student.config.vocab_size)
+    assert output.metrics["test_loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert output.metrics["test_kd_ce"] == pytest.approx(float(parts.ce), rel=1e-6)
 
 
 def test_refusals(tmp_path, pair):

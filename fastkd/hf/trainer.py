@@ -389,6 +389,15 @@ class KDTrainer(transformers.Trainer):
         for name, value in zip(names, values, strict=False):
             logs[f"{prefix}{name}"] = value
 
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
+        self._component_sums["eval"] = None
+        self._component_counts["eval"] = 0
+        output = super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        if self._component_sums["eval"] is not None:  # predict() logs nothing: add them here
+            self._add_components(output.metrics, "eval", f"{metric_key_prefix}_",
+                                 max(self._component_counts["eval"], 1))
+        return output
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         self._kd_eval_prefix = metric_key_prefix
         self._component_sums["eval"] = None
