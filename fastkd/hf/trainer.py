@@ -87,10 +87,13 @@ def _gathered(head: hf_config.LMHead) -> hf_config.LMHead:
     the whole tensor is declared a per-rank partial average, so backward reduce-scatters it to
     the shards as FSDP2 does every other gradient. The fused path gets the DTensors as they are.
     """
-    from fastkd.linear import _full_tensor
 
     def whole(tensor):
-        return None if tensor is None else _full_tensor(tensor, tensor.dtype)
+        if tensor is None or not hasattr(tensor, "full_tensor"):  # not a DTensor
+            return tensor
+        from fastkd.linear import _full_tensor
+
+        return _full_tensor(tensor, tensor.dtype)
 
     return head._replace(weight=whole(head.weight), bias=whole(head.bias))
 
