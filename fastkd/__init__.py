@@ -2,10 +2,13 @@
 
 from . import reference
 from ._autograd import KDLossComponents
+from ._labels import shift_labels
 from ._spec import DIVERGENCES
 from .functional import kd_loss
 from .module import KDLoss
+from .topk import TopKKDLoss, teacher_topk, topk_kd_loss
 
 __version__ = "0.2.0"
 
-__all__ = ["DIVERGENCES", "KDLoss", "KDLossComponents", "kd_loss", "reference", "__version__"]
+__all__ = ["DIVERGENCES", "KDLoss", "KDLossComponents", "TopKKDLoss", "kd_loss", "reference",
+           "shift_labels", "teacher_topk", "topk_kd_loss", "__version__"]
