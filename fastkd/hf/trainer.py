@@ -22,7 +22,6 @@ collator's ``shift_labels`` as given; hidden states and logits keep their full l
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 import fastkd
@@ -69,14 +68,15 @@ def run_as_forward(wrapper: torch.nn.Module, inner: torch.nn.Module, fn, *args, 
 
 
 def shifted_labels(inputs, ignore_index: int = -100) -> torch.Tensor | None:
-    """Next-token targets aligned with the positions: ``shift_labels`` if the batch has them,
-    else ``labels[..., 1:]`` followed by one ``ignore_index``. None without either."""
+    """Next-token targets aligned with the positions: the batch's ``shift_labels`` if it has
+    them, else ``fastkd.shift_labels(labels)`` (``labels[..., 1:]`` then one ``ignore_index``).
+    None without either."""
     if inputs.get("shift_labels") is not None:
         return inputs["shift_labels"]
     labels = inputs.get("labels")
     if labels is None:
         return None
-    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+    return fastkd.shift_labels(labels, ignore_index)
 
 
 def _gathered(head: hf_config.LMHead) -> hf_config.LMHead:
