@@ -79,7 +79,7 @@ from .kd_loss import (
     forward_config,
 )
 
-__all__ = ["minimal_bytes", "stand_in_launch", "topk_config", "topk_rows"]
+__all__ = ["minimal_bytes", "topk_config", "topk_rows"]
 
 # Entries per chunk: the k loops (statistics, fix-ups, membership) take the entries in chunks of
 # at most this many, so k is not limited by registers.
@@ -452,39 +452,6 @@ def topk_rows(
         num_warps=config["num_warps"],
     )
 
-
-
-def stand_in_launch(vocab: int, k: int, *, dtype=torch.bfloat16, tail: str = "bucket",
-                    has_labels: bool = True, student_grad: bool = True,
-                    stored_tail: bool = False, temperature: float = 2.0, n_rows: int = 16):
-    """(kernel, args, kwargs) of a launch on CPU stand-in tensors, for ahead-of-time compiles
-    (fastkd.bench.static_report): the same arguments and specialization topk_rows passes."""
-    student = torch.empty(n_rows, vocab, dtype=dtype)
-    ids = torch.zeros(n_rows, k, dtype=torch.int64)
-    values = torch.zeros(n_rows, k, dtype=dtype)
-    tail_logprob = torch.zeros(n_rows, dtype=torch.float32) if stored_tail else None
-    labels = torch.zeros(n_rows, dtype=torch.int64) if has_labels else None
-    row_stats = torch.empty(n_rows, 4, dtype=torch.float32)
-    grad = torch.empty_like(student) if student_grad else row_stats
-    config = topk_config(vocab, k)
-    tail_t = tail_logprob if tail_logprob is not None else row_stats
-    lab = labels if labels is not None else row_stats
-    args = (student, *_batched_strides(student), n_rows,
-            ids, ids.stride(0), ids.stride(1),
-            values, values.stride(0), values.stride(1),
-            tail_t, tail_logprob.stride(0) if tail_logprob is not None else 0,
-            lab, labels.stride(0) if labels is not None else 0,
-            torch.ones((), dtype=torch.float32),
-            row_stats, row_stats.stride(0),
-            grad, grad.stride(0), grad.stride(1),
-            vocab, k, temperature, 0.5, 0.1 if has_labels else 0.0, 0.0, -100)
-    kwargs = dict(BUCKET=tail == "bucket", HAS_TAIL=stored_tail, HAS_LABELS=has_labels,
-                  T_IS_ONE=temperature == 1.0, SMOOTHING=has_labels,
-                  STUDENT_GRAD=student_grad,
-                  ON_CHIP=config["ON_CHIP"], BLOCK_V=config["BLOCK_V"],
-                  BLOCK_K=config["BLOCK_K"], SINGLE_K=k <= config["BLOCK_K"],
-                  num_warps=config["num_warps"])
-    return _kd_topk_kernel, args, kwargs
 
 
 def minimal_bytes(n_rows: int, counted_rows: int, vocab: int, k: int, *, element_size: int,

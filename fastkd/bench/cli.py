@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import linear
 from .cases import (
     ALPHA,
     IGNORED_FRACTION,
@@ -105,6 +106,7 @@ def parse_args(argv):
     static.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
     static.add_argument("--json", type=Path, metavar="PATH",
                         help="also write the report's entries (one per configuration) to PATH")
+    linear.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -236,6 +238,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.static:
         return run_static(args)
+    if args.linear:
+        return linear.run_from_cli(args)
     return run_benchmark(args)
 
 

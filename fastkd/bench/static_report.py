@@ -94,6 +94,8 @@ class Case:
     divergence: str = "forward_kl"
     label_smoothing: float = 0.0
     per_row_scale: bool = False  # scale_rows: grad_output with one value per row ("none")
+    tail: str = "renormalize"  # kd_topk: how the teacher's mass outside its top k is read
+    k: int = 64  # kd_topk: teacher entries per row
 
     @property
     def temperature_is_one(self) -> bool:
@@ -205,6 +207,20 @@ def _launch_vp_grads(case: Case) -> None:
                                   grad_teacher=grad_teacher)
 
 
+def _launch_kd_topk(case: Case) -> None:
+    import torch
+
+    from fastkd._spec import NUM_ROW_STATS
+    from fastkd.kernels import kd_topk
+
+    student, _, labels, weight, grad_student, _ = _stand_in_rows(case)
+    ids = torch.zeros(STAND_IN_ROWS, case.k, dtype=torch.int64)
+    values = torch.zeros(STAND_IN_ROWS, case.k, dtype=student.dtype)
+    row_stats = torch.empty(STAND_IN_ROWS, NUM_ROW_STATS, dtype=torch.float32)
+    kd_topk.topk_rows(student, ids, values, None, labels, weight, row_stats, grad_student,
+                      tail=case.tail, options=case.options())
+
+
 def _launch_scale_rows(case: Case) -> None:
     import torch
 
@@ -300,6 +316,19 @@ KERNELS: dict[str, Kernel] = {
         full=_FULL,
         core=(_CORE_TRAINING,),
     ),
+    # Sparse top-k teachers: one read of the student row, k gathered entries, a dense gradient
+    # store with the k corrections; on-chip rows and the looping kernel of LLM vocabularies.
+    "kd_topk": Kernel(
+        jit="fastkd.kernels.kd_topk:_kd_topk_kernel",
+        launch=_launch_kd_topk,
+        axes={"dtype": DTYPES, "vocab": ("on-chip 8192", "LLM"), "has_labels": (True, False),
+              "grads": ((True, False), (False, False)), "temperature": (2.0, 1.0),
+              "tail": ("renormalize", "bucket")},
+        vocab_classes={"on-chip 8192": 8000, "LLM": 128256},
+        core=({"dtype": ("bf16",), "has_labels": (True,), "grads": ((True, False),)},),
+        long_rows=lambda constexprs: not constexprs["ON_CHIP"],
+        default=lambda vocab_class: vocab_class == "LLM",
+    ),
     # Backward: the saved gradient times grad_output (skipped on the device when it is 1).
     "scale_rows": Kernel(
         jit="fastkd.kernels.kd_loss:_scale_rows_kernel",
@@ -335,6 +364,8 @@ class Config:
             parts.append(case.divergence)
         if case.label_smoothing:
             parts.append(f"smoothing={case.label_smoothing:g}")
+        if "tail" in axes:
+            parts.append(f"{case.tail} k={case.k}")
         return " ".join(parts)
 
     def to_dict(self) -> dict:
