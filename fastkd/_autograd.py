@@ -102,6 +102,16 @@ def refuse_function_transforms(*tensors) -> None:
             )
 
 
+def refuse_double_backward(name: str) -> None:
+    """Raise in a fused loss's backward under create_graph=True: the gradient it returns is not
+    itself differentiable, so a silent answer would be wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name} does not support double backward (create_graph=True): its gradient is "
+            "computed in the forward and is not itself differentiable"
+        )
+
+
 class SavedGradientLoss(torch.autograd.Function):
     """Loss and w * dloss/dinput from one forward; backward scales them by grad_output.
 
@@ -118,6 +128,8 @@ class SavedGradientLoss(torch.autograd.Function):
     def forward(ctx, run, plan, *inputs):
         loss, components, grads = run(plan, *inputs)
         ctx.mark_non_differentiable(components)
+        # The components are detached: no zero-filled gradient for them in backward.
+        ctx.set_materialize_grads(False)
         saved = [pair[0] for pair in grads if pair is not None]
         ctx.save_for_backward(*saved)
         ctx.shapes = [None if pair is None else pair[1] for pair in grads]
@@ -126,11 +138,9 @@ class SavedGradientLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_components):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{ctx.name} does not support double backward (create_graph=True): its "
-                "gradient is computed in the forward and is not itself differentiable"
-            )
+        refuse_double_backward(ctx.name)
+        if grad_output is None:  # only the detached components were used downstream
+            return (None,) * (2 + len(ctx.shapes))
         try:
             saved = iter(ctx.saved_tensors)
         except RuntimeError as error:  # the version check: this backward already ran once
