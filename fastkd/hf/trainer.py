@@ -220,6 +220,9 @@ class KDTrainer(transformers.Trainer):
                 "KDTrainer does not support torch.nn.DataParallel (several GPUs in one process); "
                 "launch one process per GPU (torchrun / accelerate launch)"
             )
+        if getattr(teacher_model, "hf_device_map", None) is None:
+            teacher_model = teacher_model.to(self.args.device)
+        self.teacher_model = teacher_model.eval()
         student_head = hf_config.lm_head(model, student_logit_postprocessing)
         teacher_head = hf_config.lm_head(teacher_model, teacher_logit_postprocessing)
         if teacher_head.weight.shape[0] < student_head.weight.shape[0]:
@@ -227,13 +230,9 @@ class KDTrainer(transformers.Trainer):
                 f"the teacher's vocabulary ({teacher_head.weight.shape[0]}) is smaller than the "
                 f"student's ({student_head.weight.shape[0]}): they must share one vocabulary"
             )
-        if getattr(teacher_model, "hf_device_map", None) is None:
-            teacher_model = teacher_model.to(self.args.device)
-        self.teacher_model = teacher_model.eval()
         if verify_lm_head:
             hf_config.verify_lm_head(model, student_head)
-            hf_config.verify_lm_head(teacher_model,
-                                     hf_config.lm_head(teacher_model, teacher_logit_postprocessing))
+            hf_config.verify_lm_head(teacher_model, teacher_head)
         # Detached component sums since the last log, per mode, and eval batches counted.
         self._component_sums = {"train": None, "eval": None}
         self._component_counts = {"train": 0, "eval": 0}
