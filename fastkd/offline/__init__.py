@@ -8,8 +8,8 @@ Needs the ``offline`` extra (safetensors, transformers, tqdm), imported only whe
 """
 
 from .data import BATCH_KEYS, TopKCollator, TopKDataset, check_loss_settings
-from .dump import DumpStats, compute_shard, dump, plan_shards, topk_with_tail
 from .storage import Manifest, id_bits, pack_ids, read_manifest, unpack_ids, vocab_hash
+from .writer import DumpStats, compute_shard, dump, plan_shards, topk_with_tail
 
 __all__ = [
     "BATCH_KEYS", "DumpStats", "Manifest", "TopKCollator", "TopKDataset", "check_loss_settings",

@@ -188,7 +188,7 @@ def run_dump(args: argparse.Namespace) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .dump import dump
+    from .writer import dump
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")

@@ -54,6 +54,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 DONE_PATTERN = "done-{:05d}-of-{:05d}.json"
+SHARD_METADATA_KEY = "fastkd_topk"
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Rows packed or unpacked per numpy call: bounds the (rows, k, bits) uint8 temporary.
 PACK_CHUNK_ROWS = 4096

@@ -36,6 +36,7 @@ import torch
 from .storage import (
     DONE_PATTERN,
     MANIFEST_NAME,
+    SHARD_METADATA_KEY,
     SHARD_PATTERN,
     VALUE_DTYPES,
     Manifest,
@@ -205,10 +206,12 @@ def _check_or_write_manifest(out: Path, manifest: Manifest) -> None:
 
 
 def _shard_metadata(manifest: Manifest, index: int, first: int, count: int) -> dict[str, str]:
-    return {"format": manifest.format, "format_version": str(manifest.format_version),
-            "shard": str(index), "first_sequence": str(first), "num_sequences": str(count),
-            "k": str(manifest.k), "id_bits": str(manifest.id_bits),
-            "vocab_hash": manifest.vocab_hash}
+    # One key holding sorted JSON: safetensors writes a metadata map in hash order, so several
+    # keys would make identical shards differ byte for byte between runs.
+    info = {"format": manifest.format, "format_version": manifest.format_version,
+            "shard": index, "first_sequence": first, "num_sequences": count, "k": manifest.k,
+            "id_bits": manifest.id_bits, "vocab_hash": manifest.vocab_hash}
+    return {SHARD_METADATA_KEY: json.dumps(info, sort_keys=True)}
 
 
 def _existing_shard_matches(path: Path, metadata: dict[str, str]) -> bool:
