@@ -135,6 +135,27 @@ def test_packed_and_int32_ids_store_the_same_rows(setup, packed_dump):
     assert a.disk_bytes / a.num_rows < 58 * 1.1
 
 
+def test_exact_k_stores_the_rest_as_codes(setup, packed_dump):
+    coded = run_dump(setup, setup["root"] / "coded", "docs.jsonl", "--pack-ids", "--exact-k", "4")
+    a, b = TopKDataset(coded, setup["tok"]), TopKDataset(packed_dump, setup["tok"])
+    assert a.manifest.exact_k == 4 and a.manifest.bytes_per_row == 18 + 2 * 5 + 12 + 8
+    assert a.disk_bytes < 0.85 * b.disk_bytes
+    for i in range(0, len(a), 5):
+        x, y = a[i], b[i]
+        assert torch.equal(x["topk_ids"], y["topk_ids"])
+        assert torch.equal(x["tail_logprob"], y["tail_logprob"])
+        assert x["topk_values"].dtype == torch.float16
+        assert torch.equal(x["topk_values"][:, :4], y["topk_values"][:, :4])
+        v, ref = x["topk_values"].double(), y["topk_values"].double()
+        if len(v):
+            span = (ref[:, 3] - ref[:, -1])[:, None]
+            # code step / 2, plus fp16 rounding of the decoded value and of the row's floor
+            assert torch.all((v - ref).abs() <= span / 508 + 2e-3 * (1 + ref.abs()))
+    assert cli.main(["dump", "--teacher", str(setup["teacher_dir"]), "--data",
+                     str(setup["root"] / "docs.jsonl"), "--out", str(setup["root"] / "bad"),
+                     "--k", "4", "--exact-k", "4", "--no-progress"]) == 2
+
+
 def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
     whole = run_dump(setup, setup["root"] / "whole", "corpus.txt")
     real_write = dump_module.write_shard
@@ -255,6 +276,8 @@ def test_collator_aligns_with_student_positions(setup, packed_dump):
     assert f32["teacher_topk_values"].dtype == torch.float32
     with pytest.raises(ValueError, match="empty"):
         TopKCollator(pad)([])
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        TopKCollator(pad)([{"input_ids": it["input_ids"]} for it in items])
 
 
 MEMORY_SCRIPT = textwrap.dedent("""

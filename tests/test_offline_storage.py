@@ -152,3 +152,29 @@ def test_manifest_json_round_trip(tmp_path):
         storage.read_manifest(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a fastkd-topk dump"):
         storage.read_manifest(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rest_codes_round_trip_within_bound(dtype):
+    gen = torch.Generator().manual_seed(3)
+    k, exact_k = 20, 5
+    v = (torch.randn(40, k, generator=gen, dtype=torch.float64) * 3 - 4).sort(-1, True).values
+    v[1, 15:] = float("-inf")  # padding past the exact values
+    v[2, 3:] = float("-inf")  # padding inside them: everything after is padding
+    v[3] = -2.5  # a flat row: hi == lo
+    v[4, 5:] = v[4, 4]
+    exact, codes, floor = storage.encode_rest_logprobs(v, exact_k, dtype)
+    assert exact.dtype == floor.dtype == dtype and codes.dtype == torch.uint8
+    assert exact.shape == (40, exact_k) and codes.shape == (40, k - exact_k)
+    assert torch.equal(exact, v[:, :exact_k].to(dtype))
+    out = storage.decode_rest_logprobs(exact, codes, floor, torch.float64)
+    assert torch.equal(out == float("-inf"), v == float("-inf"))
+    finite = torch.isfinite(v)
+    hi, lo = exact[:, -1].double(), floor.double()
+    eps = torch.finfo(dtype).eps
+    bound = ((hi - lo).nan_to_num(0) / 508 + eps * (hi.abs() + lo.abs()).nan_to_num(0))[:, None]
+    err = torch.where(finite, (out - v).abs(), 0.0)
+    assert torch.all(err <= bound.expand_as(err) + 1e-12)
+    assert torch.all(torch.where(finite[:, 1:], out[:, 1:] <= out[:, :-1], True))  # still sorted
+    with pytest.raises(ValueError, match="exact_k"):
+        storage.encode_rest_logprobs(v, k, dtype)

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--values-dtype", choices=sorted(VALUE_DTYPES), default="float16",
                    help="dtype of the stored log-probs (float16 has 8x finer steps than "
                    "bfloat16 on [-65504, 0], where log-probs live)")
+    d.add_argument("--exact-k", type=int, default=0,
+                   help="keep the first E values in --values-dtype and store the other k - E as "
+                   "8-bit codes on a per-row log-prob scale (1 byte instead of 2; 0: all exact)")
     d.add_argument("--pack-ids", action="store_true",
                    help="store ids in ceil(log2 V) bits instead of int32")
     d.add_argument("--vocab-size", type=int, default=None,
@@ -217,6 +220,8 @@ def run_dump(args: argparse.Namespace) -> dict:
         vocab = args.vocab_size
     if args.k > vocab:
         raise ValueError(f"--k {args.k} is larger than the vocabulary ({vocab})")
+    if args.exact_k and not 0 < args.exact_k < args.k:
+        raise ValueError(f"--exact-k must be 0 or in [1, k), got {args.exact_k}")
     sequences, data_desc = open_source(args.data, tokenizer, args.seq_len, args.text_column,
                                        args.split)
     manifest = Manifest(
@@ -226,7 +231,7 @@ def run_dump(args: argparse.Namespace) -> dict:
         teacher_revision=args.revision or getattr(model.config, "_commit_hash", None),
         vocab_hash=vocab_hash(tokenizer), tokenizer_vocab_size=len(tokenizer),
         seq_len=args.seq_len, shard_tokens=args.shard_tokens, batch_tokens=args.batch_tokens,
-        data=data_desc,
+        data=data_desc, exact_k=args.exact_k,
     )
     stats = dump(model, sequences, args.out, manifest, device=device, rank=rank,
                  world_size=world_size, progress=not args.no_progress)
@@ -244,7 +249,8 @@ def run_info(directory: Path) -> dict:
     ds = TopKDataset(directory, tokenizer=None)
     m = ds.manifest
     info = {"k": m.k, "temperature": m.temperature, "vocab_size": m.vocab_size,
-            "values_dtype": m.values_dtype, "id_bits": m.id_bits or 32, "teacher": m.teacher,
+            "values_dtype": m.values_dtype, "exact_k": m.exact_k or m.k,
+            "id_bits": m.id_bits or 32, "teacher": m.teacher,
             "teacher_revision": m.teacher_revision, "vocab_hash": m.vocab_hash,
             "shards": ds.num_shards, "sequences": len(ds), "tokens": ds.num_tokens,
             "rows": ds.num_rows, "disk_bytes": ds.disk_bytes,

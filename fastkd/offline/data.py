@@ -9,8 +9,16 @@ from pathlib import Path
 
 import torch
 
-from .storage import DONE_PATTERN, SHARD_PATTERN, read_manifest, unpack_ids, vocab_hash
+from .storage import (
+    DONE_PATTERN,
+    SHARD_PATTERN,
+    decode_rest_logprobs,
+    read_manifest,
+    unpack_ids,
+    vocab_hash,
+)
 
+ITEM_KEYS = ("input_ids", "topk_ids", "topk_values", "tail_logprob")
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "teacher_topk_ids",
               "teacher_topk_values", "teacher_tail_logprob")
 
@@ -132,9 +140,12 @@ class TopKDataset(torch.utils.data.Dataset):
         m = self.manifest
         if m.id_bits:
             ids = unpack_ids(ids, m.k, m.id_bits)
+        values = f.get_slice("topk_logprobs")[ra:rb]
+        if m.exact_k:
+            values = decode_rest_logprobs(values, f.get_slice("topk_logprob_codes")[ra:rb],
+                                          f.get_slice("topk_logprob_floor")[ra:rb])
         return {"input_ids": f.get_slice("input_ids")[a:b].long(), "topk_ids": ids,
-                "topk_values": f.get_slice("topk_logprobs")[ra:rb],
-                "tail_logprob": f.get_slice("tail_logprob")[ra:rb]}
+                "topk_values": values, "tail_logprob": f.get_slice("tail_logprob")[ra:rb]}
 
 
 class TopKCollator:
@@ -183,6 +194,12 @@ class TopKCollator:
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not items:
             raise ValueError("cannot collate an empty list of items")
+        missing = [key for key in ITEM_KEYS if key not in items[0]]
+        if missing:
+            raise ValueError(
+                f"items lack {missing} (got {sorted(items[0])}); they must come from "
+                f"TopKDataset. transformers.Trainer drops item keys that model.forward does not "
+                f"take unless TrainingArguments(remove_unused_columns=False)")
         lengths = [len(it["input_ids"]) for it in items]
         width = max(lengths)
         if self.pad_to_multiple_of:

@@ -21,6 +21,16 @@ tensor              shape, dtype     content
 ``tail_logprob``    (R,) float32     log(1 - Σ_k p_k), computed in log space (-inf at k = V)
 ==================  ===============  =====================================================
 
+With ``exact_k = E`` (0 < E < k), ``topk_logprobs`` holds only the first E values, and the other
+k - E are 8-bit codes on a per-row linear scale of log-probs (`encode_rest_logprobs`):
+
+==========================  ================  ==============================================
+``topk_logprob_codes``      (R, k - E) uint8  c_j = round(254 (hi - v_j) / (hi - lo)), 255: -inf
+``topk_logprob_floor``      (R,) values dtype lo, the smallest finite value past the E-th
+==========================  ================  ==============================================
+
+with hi = the E-th value as stored: v_j = hi - c_j (hi - lo) / 254, at most (hi - lo) / 508 off.
+
 Row r of sequence s is position i = r - (offsets[s] - s) of that sequence: the teacher's
 distribution for the token at position i + 1. The last token of a sequence has no row (nothing in
 the sequence follows it), so a sequence of L tokens has L - 1 rows, and the rows of sequence s
@@ -34,7 +44,7 @@ values as list columns with per-row offsets, and a random row range costs a tabl
 conversion; here a range is one contiguous block per tensor.
 
 Bytes per stored row: 4k (ids) + 2k (values) + 4 (tail) + ~4 (the token), i.e. 6k + 8; with
-packed ids ceil(k·ceil(log2 V)/8) + 2k + 8.
+packed ids ceil(k·ceil(log2 V)/8) + 2k + 8; with exact_k = E, 2E + (k - E) + 2 bytes of values.
 """
 
 from __future__ import annotations
@@ -113,6 +123,46 @@ def unpack_ids(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+CODE_LEVELS = 254  # codes 0..254 span [lo, hi]; 255 is -inf (a padding entry)
+CODE_NEG_INF = 255
+
+
+def encode_rest_logprobs(values: torch.Tensor, exact_k: int, dtype: torch.dtype):
+    """Sorted (R, k) log-probs -> (exact (R, E) in dtype, codes (R, k - E) uint8, floor (R,)).
+
+    The first E = exact_k values are kept in `dtype`; each later value v_j becomes the 8-bit code
+    of its place between hi (the E-th value as stored) and lo (the smallest finite later value,
+    stored in `dtype`): c_j = round(254 (hi - v_j) / (hi - lo)); -inf (padding) is code 255.
+    Decoding gives v_j to within (hi - lo) / 508, i.e. a relative error of p_j below that.
+    """
+    if not 0 < exact_k < values.shape[-1]:
+        raise ValueError(f"exact_k must be in (0, k={values.shape[-1]}), got {exact_k}")
+    v = values.float()
+    exact = v[:, :exact_k].to(dtype)
+    hi = exact[:, -1].float()
+    rest = v[:, exact_k:]
+    finite = rest != float("-inf")
+    lo = torch.where(finite, rest, float("inf")).amin(dim=1)
+    lo = torch.where(torch.isfinite(lo) & torch.isfinite(hi), lo, hi).to(dtype)
+    span = hi - lo.float()
+    scaled = torch.where(span[:, None] > 0,
+                         (hi[:, None] - rest) / span.clamp(min=1e-30)[:, None], 0.0)
+    codes = (scaled * CODE_LEVELS).round().clamp(0, CODE_LEVELS).to(torch.uint8)
+    codes = torch.where(finite, codes, CODE_NEG_INF).to(torch.uint8)
+    return exact, codes, lo
+
+
+def decode_rest_logprobs(exact: torch.Tensor, codes: torch.Tensor, floor: torch.Tensor,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of `encode_rest_logprobs`: (R, k) log-probs, in `dtype` (default: exact's)."""
+    hi = exact[:, -1:].float()
+    span = hi - floor.float()[:, None]
+    c = codes.float()
+    rest = torch.where(codes == CODE_NEG_INF, float("-inf"),
+                       hi - c * (span / CODE_LEVELS))
+    return torch.cat([exact.float(), rest], dim=1).to(dtype or exact.dtype)
+
+
 def vocab_hash(tokenizer) -> str:
     """SHA-256 of a tokenizer's token -> id mapping (added tokens included).
 
@@ -147,6 +197,7 @@ class Manifest:
     shard_tokens: int  # token budget per shard
     batch_tokens: int  # padded tokens per teacher forward
     data: dict = field(default_factory=dict)
+    exact_k: int = 0  # 0: all k values in values_dtype; else the first exact_k, the rest 8-bit
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -167,7 +218,9 @@ class Manifest:
         """Stored bytes per teacher row: ids, values, tail, and the token (shard headers and
         the per-sequence offsets aside)."""
         ids = packed_row_bytes(self.k, self.id_bits) if self.id_bits else 4 * self.k
-        values = VALUE_DTYPES[self.values_dtype].itemsize * self.k
+        size = VALUE_DTYPES[self.values_dtype].itemsize
+        values = size * self.k if not self.exact_k else (size * (self.exact_k + 1)
+                                                           + self.k - self.exact_k)
         return ids + values + 4 + 4
 
 
@@ -196,7 +249,8 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     atomic_write_bytes(path, save({n: t.contiguous() for n, t in tensors.items()}, metadata))
 
 
-def check_shard_tensors(tensors: dict[str, torch.Tensor], k: int, bits: int) -> None:
+def check_shard_tensors(tensors: dict[str, torch.Tensor], k: int, bits: int,
+                        exact_k: int = 0) -> None:
     """Shapes and dtypes of one shard, as the format above defines them."""
     n_tokens = tensors["input_ids"].shape[0]
     n_seq = tensors["offsets"].shape[0] - 1
@@ -204,7 +258,13 @@ def check_shard_tensors(tensors: dict[str, torch.Tensor], k: int, bits: int) -> 
     ids_shape = (rows, packed_row_bytes(k, bits)) if bits else (rows, k)
     expected = {"input_ids": ((n_tokens,), torch.int32), "offsets": ((n_seq + 1,), torch.int64),
                 "topk_ids": (ids_shape, torch.uint8 if bits else torch.int32),
-                "topk_logprobs": ((rows, k), None), "tail_logprob": ((rows,), torch.float32)}
+                "topk_logprobs": ((rows, exact_k or k), None),
+                "tail_logprob": ((rows,), torch.float32)}
+    if exact_k:
+        expected["topk_logprob_codes"] = ((rows, k - exact_k), torch.uint8)
+        expected["topk_logprob_floor"] = ((rows,), None)
+    if set(tensors) != set(expected):
+        raise ValueError(f"shard tensors {sorted(tensors)}, expected {sorted(expected)}")
     for name, (shape, dtype) in expected.items():
         t = tensors[name]
         if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):

@@ -42,6 +42,7 @@ from .storage import (
     Manifest,
     atomic_write_bytes,
     check_shard_tensors,
+    encode_rest_logprobs,
     pack_ids,
     read_manifest,
     write_shard,
@@ -158,7 +159,8 @@ def compute_shard(model, sequences: list[Sequence[int]], manifest: Manifest,
     for s, seq in enumerate(sequences):
         input_ids[offsets[s] : offsets[s + 1]] = torch.as_tensor(seq, dtype=torch.int32)
     ids = torch.empty(rows, k, dtype=torch.int32)
-    values = torch.empty(rows, k, dtype=values_dtype)
+    # fp32 until encoded when the later values become 8-bit codes
+    values = torch.empty(rows, k, dtype=torch.float32 if manifest.exact_k else values_dtype)
     tail = torch.empty(rows, dtype=torch.float32)
     for batch in _batches(lengths, manifest.batch_tokens):
         width = lengths[batch[0]]
@@ -183,12 +185,16 @@ def compute_shard(model, sequences: list[Sequence[int]], manifest: Manifest,
             n = lengths[s] - 1
             dst = slice(int(offsets[s]) - s, int(offsets[s]) - s + n)
             ids[dst] = b_ids[start : start + n]
-            values[dst] = b_lp[start : start + n].to(values_dtype)
+            values[dst] = b_lp[start : start + n].to(values.dtype)
             tail[dst] = b_tail[start : start + n]
             start += n
-    return {"input_ids": input_ids, "offsets": offsets,
-            "topk_ids": pack_ids(ids, manifest.id_bits) if manifest.id_bits else ids,
-            "topk_logprobs": values, "tail_logprob": tail}
+    out = {"input_ids": input_ids, "offsets": offsets,
+           "topk_ids": pack_ids(ids, manifest.id_bits) if manifest.id_bits else ids,
+           "topk_logprobs": values, "tail_logprob": tail}
+    if manifest.exact_k:
+        out["topk_logprobs"], out["topk_logprob_codes"], out["topk_logprob_floor"] = \
+            encode_rest_logprobs(values, manifest.exact_k, values_dtype)
+    return out
 
 
 def _check_or_write_manifest(out: Path, manifest: Manifest) -> None:
@@ -265,7 +271,7 @@ def dump(model, sequences: Iterable[Sequence[int]], out: str | os.PathLike, mani
                 stats.shards_skipped += 1
             else:
                 tensors = compute_shard(model, seqs, manifest, device)
-                check_shard_tensors(tensors, manifest.k, manifest.id_bits)
+                check_shard_tensors(tensors, manifest.k, manifest.id_bits, manifest.exact_k)
                 write_shard(path, tensors, metadata)
                 stats.shards_written += 1
                 stats.rows += n_tokens - len(seqs)
