@@ -1,7 +1,11 @@
-"""The fused loss as torch.library custom ops: opaque to torch.compile, so tracing a training step
-that calls fastkd.kd_loss needs no graph break, and the same ops serve eager mode.
+"""The fused losses as out-variant torch.library custom ops.
 
-Both ops pick their backend (Triton or PyTorch) when they run, from the tensors' device and
+The Python wrapper allocates the outputs and the op fills them (``mutates_args``), so the same op
+serves a fresh gradient buffer, a caller's chunk buffer, or the logits themselves (in place,
+eager mode only); the fake implementations have nothing to allocate and return None. The ops
+are opaque to torch.compile, so a traced training step needs no graph break.
+
+Each op picks its backend (Triton or PyTorch) when it runs, from the tensors' device and
 FASTKD_BACKEND, so the traced graph does not depend on it.
 """
 
@@ -12,14 +16,15 @@ import os
 import torch
 
 from . import _torch_backend
+from ._spec import NUM_ROW_STATS, LossOptions
 
-__all__ = ["kd_forward", "scale_rows_", "select_backend", "BACKENDS"]
+__all__ = ["BACKENDS", "kd_rows", "kd_rows_into", "scale_rows_", "select_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
 
 
-def select_backend(device: torch.device):
-    """The launcher module for `device`, chosen by FASTKD_BACKEND (auto | triton | torch).
+def uses_triton(device: torch.device) -> bool:
+    """Whether FASTKD_BACKEND (auto | triton | torch) runs the Triton kernels on `device`.
 
     auto runs Triton on CUDA tensors and PyTorch elsewhere. triton on CPU tensors needs
     TRITON_INTERPRET=1, which runs the real kernels in Triton's interpreter.
@@ -28,57 +33,91 @@ def select_backend(device: torch.device):
     if choice not in BACKENDS:
         raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS}, got {choice!r}")
     if choice == "torch" or (choice == "auto" and device.type != "cuda"):
-        return _torch_backend
+        return False
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true"):
         raise RuntimeError(
             f"FASTKD_BACKEND=triton got {device.type} tensors: the Triton kernels need CUDA "
             "tensors, or TRITON_INTERPRET=1 to run them in Triton's interpreter"
         )
+    return True
+
+
+def select_backend(device: torch.device):
+    """The module that runs the dense loss on `device`: fastkd.kernels.kd_loss or the PyTorch
+    backend (fastkd._torch_backend)."""
+    if not uses_triton(device):
+        return _torch_backend
     from .kernels import kd_loss as triton_backend
 
     return triton_backend
 
 
-@torch.library.custom_op("fastkd::kd_forward", mutates_args=())
-def kd_forward(
+def loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Losses accumulate in fp32; float64 inputs (gradcheck) get float64 throughout."""
+    return _torch_backend.compute_dtype(*tensors)
+
+
+@torch.library.custom_op("fastkd::kd_rows",
+                         mutates_args=("row_stats", "grad_student", "grad_teacher"))
+def kd_rows(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
-    row_weight: torch.Tensor,
+    weight: torch.Tensor,
+    row_stats: torch.Tensor,
+    grad_student: torch.Tensor | None,
+    grad_teacher: torch.Tensor | None,
+    divergence: str,
     temperature: float,
     alpha: float,
+    beta: float,
+    skew: float,
+    label_smoothing: float,
+    z_loss: float,
     ignore_index: int,
-    student_grad: bool,
-    teacher_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, V) logits -> (row losses (N,), w * dloss/ds (N, V), w * dloss/dt (N, V)).
+) -> None:
+    """(N, V) logits -> row_stats (N, 4) and w * dloss/dlogits, written into the outputs.
 
-    A gradient that was not asked for comes back as an empty tensor: custom ops cannot return
-    None.
+    row_stats columns: loss, divergence, ce, lse^2 (fastkd._spec.ROW_*). A gradient output that
+    is None is not computed. grad_student may be student_logits itself (in place).
     """
-    backend = select_backend(student_logits.device)
-    row_losses, grad_student, grad_teacher = backend.kd_forward(
-        student_logits, teacher_logits, labels, row_weight,
-        temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-        student_grad=student_grad, teacher_grad=teacher_grad,
+    options = LossOptions(
+        temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
+        label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
     )
-    if grad_student is None:
-        grad_student = student_logits.new_empty(0)
-    if grad_teacher is None:
-        grad_teacher = teacher_logits.new_empty(0)
-    return row_losses, grad_student, grad_teacher
+    select_backend(student_logits.device).kd_rows(
+        student_logits, teacher_logits, labels, weight, row_stats, grad_student, grad_teacher,
+        options,
+    )
 
 
-@kd_forward.register_fake
-def _(student_logits, teacher_logits, labels, row_weight, temperature, alpha, ignore_index,
-      student_grad, teacher_grad):
-    n_rows, vocab = student_logits.shape
-    loss_dtype = torch.float64 if torch.float64 in (
-        student_logits.dtype, teacher_logits.dtype) else torch.float32
-    row_losses = student_logits.new_empty(n_rows, dtype=loss_dtype)
-    grad_student = student_logits.new_empty((n_rows, vocab) if student_grad else 0)
-    grad_teacher = teacher_logits.new_empty((n_rows, vocab) if teacher_grad else 0)
-    return row_losses, grad_student, grad_teacher
+@kd_rows.register_fake
+def _(*args):
+    return None
+
+
+def kd_rows_into(student_2d, teacher_2d, labels_1d, weight, options: LossOptions, *,
+                 student_grad: bool, teacher_grad: bool, grad_student_out=None):
+    """Allocate the outputs of kd_rows and run it: (row_stats, grad_student, grad_teacher).
+
+    Gradients have their logits' dtype (or are grad_student_out, when given); a gradient not
+    asked for is None.
+    """
+    n_rows = student_2d.shape[0]
+    row_stats = student_2d.new_empty((n_rows, NUM_ROW_STATS),
+                                     dtype=loss_dtype(student_2d, teacher_2d))
+    grad_student = grad_teacher = None
+    if student_grad:
+        grad_student = grad_student_out
+        if grad_student is None:
+            grad_student = torch.empty_like(student_2d, memory_format=torch.contiguous_format)
+    if teacher_grad:
+        grad_teacher = torch.empty_like(teacher_2d, memory_format=torch.contiguous_format)
+    if n_rows > 0:
+        kd_rows(student_2d, teacher_2d, labels_1d, weight, row_stats, grad_student, grad_teacher,
+                options.divergence, options.temperature, options.alpha, options.beta,
+                options.skew, options.label_smoothing, options.z_loss, options.ignore_index)
+    return row_stats, grad_student, grad_teacher
 
 
 @torch.library.custom_op("fastkd::scale_rows_", mutates_args=("grad",))

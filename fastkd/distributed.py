@@ -24,8 +24,8 @@ Vocab parallel (Megatron-style tensor parallelism)
 --------------------------------------------------
 :func:`kd_loss` takes each tensor-parallel rank's contiguous slice of the vocabulary (student and
 teacher logits, e.g. the output of a ColumnParallelLinear with ``gather_output=False``; slices
-may have different sizes) and the global labels. Each rank reduces its slice to 8 floats per row,
-one all-gather exchanges those (N x 8 x world floats, never N x V), and each rank then computes
+may have different sizes) and the global labels. Each rank reduces its slice to 10 floats per row,
+one all-gather exchanges those (N x 10 x world floats, never N x V), and each rank then computes
 the global loss (the same value on every rank) and the gradient of its own slice, which
 ``loss.backward()`` delivers.
 
@@ -41,15 +41,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from . import _torch_backend, _vocab_parallel_torch
-from ._validation import check_inplace_flag, validate_kd_args
-from .functional import (
-    can_hold_its_gradient,
-    reduce_fused_rows,
-    row_weight,
-    scaled_saved_grads,
-    select_backend,
-)
+from ._autograd import KDLossComponents
+from ._dense import DensePlan, dense_kd_loss
+from ._spec import check_inplace_flag, validate_kd_call
 
 __all__ = ["global_token_count", "kd_loss"]
 
@@ -76,25 +70,15 @@ def global_token_count(
     return count
 
 
-def _select_vocab_parallel_backend(device: torch.device):
-    # Same choice as fastkd.kd_loss (FASTKD_BACKEND, then the device); the Triton module is
-    # imported only when chosen, so CPU users never load it.
-    if select_backend(device) is _torch_backend:
-        return _vocab_parallel_torch
-    from .kernels import kd_vocab_parallel
-
-    return kd_vocab_parallel
-
-
 def _shard_offset(vocab_size: int, device: torch.device, group) -> int:
     """This rank's first global vocabulary id, from every rank's slice size (one all-gather)."""
     local = torch.tensor([vocab_size], dtype=torch.int64, device=device)
-    sizes = _all_gather_rows(local, group).reshape(-1)
+    sizes = all_gather_rows(local, group).reshape(-1)
     rank = dist.get_rank(group)
     return int(sizes[:rank].sum().item())  # the one host sync; pass vocab_start_index to avoid it
 
 
-def _all_gather_rows(stats: torch.Tensor, group) -> torch.Tensor:
+def all_gather_rows(stats: torch.Tensor, group) -> torch.Tensor:
     """(R, *shape) stack of every rank's `stats`, in rank order."""
     world_size = dist.get_world_size(group)
     # Gathered as a concatenation along dim 0 (the form every backend accepts, also for a
@@ -107,55 +91,6 @@ def _all_gather_rows(stats: torch.Tensor, group) -> torch.Tensor:
     return gathered.view((world_size,) + tuple(stats.shape))
 
 
-class _VocabParallelKDLoss(torch.autograd.Function):
-    """Forward: shard statistics, one all-gather, then the global loss and w * dloss/d(shard).
-    Backward: scale the saved shard gradients by grad_output (no communication)."""
-
-    @staticmethod
-    def forward(ctx, student_shard, teacher_shard, labels, args, vocab_start, group, backend,
-                inplace_backward, student_grad, teacher_grad):
-        vocab = args.vocab_size
-        student_2d = student_shard.reshape(-1, vocab)
-        teacher_2d = teacher_shard.reshape(-1, vocab)
-        labels_1d = labels.reshape(-1) if labels is not None else None
-        stats = backend.shard_stats(
-            student_2d, teacher_2d, labels_1d, vocab_start=vocab_start,
-            temperature=args.temperature, ignore_index=args.ignore_index,
-        )
-        gathered = _all_gather_rows(stats, group)
-        # Labels are the same on every rank, so the weight (1 / counted rows for "mean") is too.
-        weight = row_weight(labels_1d, args, student_shard.device, gathered.dtype)
-        inplace = inplace_backward and student_grad and can_hold_its_gradient(student_2d,
-                                                                               student_shard)
-        row_losses, grad_student, grad_teacher = backend.shard_loss_and_grad(
-            gathered, student_2d, teacher_2d, labels_1d, weight, vocab_start=vocab_start,
-            temperature=args.temperature, alpha=args.alpha, ignore_index=args.ignore_index,
-            student_grad=student_grad, teacher_grad=teacher_grad,
-            grad_student_out=student_2d if inplace else None,
-        )
-        if inplace:
-            # The logits now hold the gradient: any other op that saved them for its backward
-            # must raise rather than use the overwritten values.
-            torch.autograd.graph.increment_version(student_shard)
-            # Saved detached: backward scales it in place, which autograd forbids on a view of
-            # a tensor that requires grad.
-            grad_student = grad_student.detach()
-        # Saved (not stashed on ctx) so that backward's in-place scaling bumps their version and
-        # a second backward through the same graph raises instead of scaling twice.
-        ctx.save_for_backward(grad_student, grad_teacher)
-        ctx.backend = backend
-        ctx.grads_wanted = (student_grad, teacher_grad)
-        ctx.logits_shapes = (student_shard.shape, teacher_shard.shape)
-        return reduce_fused_rows(row_losses, weight, args)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        grad_student, grad_teacher = scaled_saved_grads(
-            ctx, grad_output, ctx.backend.scale_rows_, "fastkd.distributed.kd_loss")
-        return grad_student, grad_teacher, None, None, None, None, None, None, None, None
-
-
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -164,12 +99,18 @@ def kd_loss(
     group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
     alpha: float | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
     vocab_start_index: int | None = None,
     inplace_backward: bool = False,
-) -> torch.Tensor:
+    return_components: bool = False,
+) -> torch.Tensor | KDLossComponents:
     """Vocab-parallel KD loss: :func:`fastkd.kd_loss` of the full-vocabulary logits, computed from
     each rank's slice of them.
 
@@ -185,14 +126,17 @@ def kd_loss(
         labels: (...) global vocabulary ids, identical on every rank, or None (then alpha == 1).
         group: the tensor-parallel process group (default: the default group). Slices are in
             the group's rank order.
-        temperature, alpha, ignore_index, reduction, normalizer, inplace_backward: as in
+        temperature, alpha, divergence, beta, skew, label_smoothing, z_loss, ignore_index,
+            reduction, normalizer, inplace_backward, return_components: as in
             :func:`fastkd.kd_loss` (inplace_backward overwrites this rank's student slice).
         vocab_start_index: global id of this rank's first column. Pass it in training loops
             (Megatron: ``rank * V_local``, or the start from its vocabulary range helper). None
             derives it from every rank's V_local with one extra all-gather and one host sync.
 
-    Communication: one all-gather of N x 8 floats per rank (fp32; fp64 for fp64 inputs on the
-    PyTorch backend), nothing in backward. A label outside the global vocabulary gives its row a
+    Communication: one all-gather of N x 10 floats per rank (fp32; fp64 for fp64 inputs on the
+    PyTorch backend); JSD, TVD and the skew divergences add one all-reduce of N x 3 floats (the
+    divergence and its two gradient row sums, known only once the global normalisers are).
+    Nothing in backward. A label outside the global vocabulary gives its row a
     NaN loss, as in fastkd.kd_loss.
     """
     if not dist.is_available() or not dist.is_initialized():
@@ -200,25 +144,30 @@ def kd_loss(
             "fastkd.distributed.kd_loss needs an initialized torch.distributed process group "
             "(torch.distributed.init_process_group); on one device use fastkd.kd_loss"
         )
-    args = validate_kd_args(
-        student_logits, teacher_logits, labels,
-        temperature=temperature, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-        normalizer=normalizer,
+    spec = validate_kd_call(
+        student_logits, teacher_logits, labels, normalizer=normalizer,
+        temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
+        label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
+        reduction=reduction,
     )
     check_inplace_flag(inplace_backward)
     if vocab_start_index is None:
-        vocab_start_index = _shard_offset(args.vocab_size, student_logits.device, group)
+        vocab_start_index = _shard_offset(spec.vocab_size, student_logits.device, group)
     elif isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int):
         raise TypeError(
             f"vocab_start_index must be an int or None, got {type(vocab_start_index).__name__}"
         )
     elif vocab_start_index < 0:
         raise ValueError(f"vocab_start_index must be >= 0, got {vocab_start_index}")
-    backend = _select_vocab_parallel_backend(student_logits.device)
     grad_enabled = torch.is_grad_enabled()
-    return _VocabParallelKDLoss.apply(
-        student_logits, teacher_logits, labels, args, vocab_start_index, group, backend,
-        inplace_backward,
-        grad_enabled and student_logits.requires_grad,
-        grad_enabled and teacher_logits.requires_grad,
+    plan = DensePlan(
+        spec=spec,
+        student_grad=grad_enabled and student_logits.requires_grad,
+        teacher_grad=grad_enabled and teacher_logits.requires_grad,
+        inplace_backward=inplace_backward,
+        name="fastkd.distributed.kd_loss",
+        vocab_parallel=True,
+        group=group,
+        vocab_start=vocab_start_index,
     )
+    return dense_kd_loss(plan, student_logits, teacher_logits, labels, return_components)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validation import check_inplace_flag, check_loss_options
+from ._spec import check_inplace_flag, check_loss_options
 from .functional import kd_loss
 
 __all__ = ["KDLoss"]
@@ -16,7 +16,7 @@ class KDLoss(nn.Module):
 
     Example::
 
-        criterion = fastkd.KDLoss(temperature=2.0, alpha=0.5)
+        criterion = fastkd.KDLoss(temperature=2.0, alpha=0.5, divergence="jsd", beta=0.5)
         loss = criterion(student_logits, teacher_logits, labels)
     """
 
@@ -27,30 +27,36 @@ class KDLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         inplace_backward: bool = False,
+        *,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        skew: float = 0.1,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        return_components: bool = False,
     ):
         super().__init__()
+        self.options = dict(
+            temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
+            label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
+            reduction=reduction,
+        )
         # Fail at construction, not at the first training step.
-        check_loss_options(temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=None)
+        check_loss_options(has_labels=None, **self.options)
         check_inplace_flag(inplace_backward)
-        self.temperature = temperature
-        self.alpha = alpha
-        self.ignore_index = ignore_index
-        self.reduction = reduction
         self.inplace_backward = inplace_backward
+        self.return_components = return_components
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor | None = None,
-                normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+                normalizer: float | torch.Tensor | None = None):
         """normalizer: with reduction="sum", the divisor of this step's sum (see kd_loss)."""
         return kd_loss(
-            student_logits, teacher_logits, labels,
-            temperature=self.temperature, alpha=self.alpha, ignore_index=self.ignore_index,
-            reduction=self.reduction, normalizer=normalizer,
-            inplace_backward=self.inplace_backward,
+            student_logits, teacher_logits, labels, normalizer=normalizer,
+            inplace_backward=self.inplace_backward, return_components=self.return_components,
+            **self.options,
         )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, "
-                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"inplace_backward={self.inplace_backward}")
+        options = ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+        return f"{options}, inplace_backward={self.inplace_backward}"

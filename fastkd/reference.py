@@ -7,20 +7,52 @@ what users can call to check fastkd on their own data.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ._validation import validate_kd_args
+from ._autograd import KDLossComponents, batchmean_divisor
+from ._spec import validate_kd_call
 
-__all__ = ["kd_loss", "batchmean_divisor", "reduce_rows"]
+__all__ = ["kd_loss", "row_divergence", "reduce_rows"]
 
 
-def batchmean_divisor(leading_shape: torch.Size) -> int:
-    """'batchmean' divides by input.size(0), as nn.KLDivLoss does (1 for a single row).
+def _kl(log_p, log_q):
+    """KL(p || q) per row; 0 * log 0 = 0. Selecting the log-ratio (not the product) keeps the
+    unselected branch finite, so autograd gets no 0 * inf = NaN."""
+    p = log_p.exp()
+    return (p * torch.where(p == 0, 0.0, log_p - log_q)).sum(dim=-1)
 
-    An empty batch divides by 1, so its loss is 0 like "mean" over no counted rows, not 0/0.
-    """
-    return max(leading_shape[0], 1) if len(leading_shape) > 0 else 1
+
+def _log_mix(log_x, log_y, weight_x: float):
+    """log(weight_x e^log_x + (1 - weight_x) e^log_y) in log space. Where both are -inf the
+    result is -inf, computed from finite stand-ins so that autograd gets no NaN there."""
+    both = torch.isneginf(log_x) & torch.isneginf(log_y)
+    mixed = torch.logsumexp(torch.stack([torch.where(both, 0.0, log_x) + math.log(weight_x),
+                                         torch.where(both, 0.0, log_y) + math.log(1 - weight_x)]),
+                            dim=0)
+    return torch.where(both, float("-inf"), mixed)
+
+
+def row_divergence(log_p, log_q, name: str, *, beta: float = 0.5, skew: float = 0.1):
+    """D(p, q) per row from the teacher's and student's log-probabilities at the temperature."""
+    if name == "forward_kl" or (name == "jsd" and beta == 0.0):
+        return _kl(log_p, log_q)
+    if name == "reverse_kl" or (name == "jsd" and beta == 1.0):
+        return _kl(log_q, log_p)
+    if name == "jsd":
+        log_m = _log_mix(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    if name == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+    if name == "skew_kl":
+        log_r = _log_mix(log_p, log_q, skew)
+        return _kl(log_p, log_r)
+    if name == "skew_reverse_kl":
+        log_r = _log_mix(log_q, log_p, skew)
+        return _kl(log_q, log_r)
+    raise ValueError(name)
 
 
 def reduce_rows(row_losses, counted, leading_shape, reduction, normalizer=None):
@@ -43,53 +75,57 @@ def kd_loss(
     *,
     temperature=1.0,
     alpha=None,
+    divergence="forward_kl",
+    beta=0.5,
+    skew=0.1,
+    label_smoothing=0.0,
+    z_loss=0.0,
     ignore_index=-100,
     reduction="mean",
     normalizer=None,
     inplace_backward=False,
+    return_components=False,
 ):
     """Reference KD loss; same signature and semantics as :func:`fastkd.kd_loss`.
 
     Computes in float32 (float64 for float64 inputs); ``inplace_backward`` is accepted for signature
     parity and ignored.
     """
-    args = validate_kd_args(
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
+    spec = validate_kd_call(
+        student_logits, teacher_logits, labels, normalizer=normalizer,
+        temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
+        label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
         reduction=reduction,
-        normalizer=normalizer,
     )
-    T, alpha = args.temperature, args.alpha
+    options = spec.options
+    T, alpha = options.temperature, options.alpha
     compute_dtype = torch.promote_types(
         torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
     )
-    s = student_logits.to(compute_dtype).reshape(-1, args.vocab_size)
-    t = teacher_logits.to(compute_dtype).reshape(-1, args.vocab_size)
+    s = student_logits.to(compute_dtype).reshape(-1, spec.vocab_size)
+    t = teacher_logits.to(compute_dtype).reshape(-1, spec.vocab_size)
 
-    log_p_student = F.log_softmax(s / T, dim=-1)
-    log_p_teacher = F.log_softmax(t / T, dim=-1)
-    p_teacher = log_p_teacher.exp()
-    # 0 * log 0 = 0: masked (-inf) teacher entries contribute nothing. Selecting the log-ratio
-    # (not the product) keeps the unselected branch finite, so autograd gets no 0 * inf = NaN.
-    log_ratio = torch.where(p_teacher == 0, 0.0, log_p_teacher - log_p_student)
-    kl = (p_teacher * log_ratio).sum(dim=-1)
-    row_losses = alpha * T * T * kl
-
+    d = row_divergence(F.log_softmax(t / T, dim=-1), F.log_softmax(s / T, dim=-1),
+                       options.divergence, beta=options.beta, skew=options.skew)
+    lse_squared = torch.logsumexp(s, dim=-1) ** 2
+    ce = torch.zeros_like(d)
     if labels is None:
         counted = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     else:
         y = labels.reshape(-1).long()
         counted = y != ignore_index
-        in_range = (y >= 0) & (y < args.vocab_size)
-        safe_y = torch.where(in_range, y, 0)
-        ce = -F.log_softmax(s, dim=-1).gather(1, safe_y[:, None]).squeeze(1)
+        in_range = (y >= 0) & (y < spec.vocab_size)
+        ce = F.cross_entropy(s, torch.where(in_range, y, 0), reduction="none",
+                             label_smoothing=options.label_smoothing)
         # A label outside the vocabulary is a caller bug: make it loud (NaN), never read it.
         ce = torch.where(in_range, ce, float("nan"))
-        row_losses = row_losses + (1.0 - alpha) * ce
-        row_losses = torch.where(counted, row_losses, 0.0)
-
-    return reduce_rows(row_losses, counted, args.leading_shape, args.reduction, args.normalizer)
+    terms = [alpha * T * T * d + (1.0 - alpha) * ce + options.z_loss * lse_squared,
+             d, ce, lse_squared]
+    reduced = [
+        reduce_rows(torch.where(counted, term, 0.0), counted, spec.leading_shape,
+                    options.reduction, spec.normalizer)
+        for term in terms
+    ]
+    if return_components:
+        return KDLossComponents(reduced[0], *(r.detach() for r in reduced[1:]))
+    return reduced[0]

@@ -1,7 +1,15 @@
 """Fused knowledge-distillation loss: Triton kernels and their launchers.
 
-Math (one row i; s, t are the student's and teacher's logits over V classes, T the temperature,
-a the mixing weight alpha, y the label, w the reduction weight of the row):
+Forward KL is derived below; the other divergences (reverse KL, JSD, TVD, skew KL) share its
+statistics and are derived in kernels/divergences.py. The loss of a counted row is
+
+    loss = a * T^2 * D + (1 - a) * CE + z * lse(s)^2,
+    CE   = lse(s) - (1 - eps) s[y] - (eps / V) sum_v s_v      (label smoothing eps)
+
+with gradients dCE/ds = p_s - (1 - eps) onehot(y) - eps / V and d(lse^2)/ds = 2 lse p_s.
+
+Math of forward KL (one row i; s, t are the student's and teacher's logits over V classes, T the
+temperature, a the mixing weight alpha, y the label, w the reduction weight of the row):
 
     p_s^T = softmax(s / T)      p_t^T = softmax(t / T)      p_s = softmax(s)
     KL    = sum_v p_t^T(v) * (log p_t^T(v) - log p_s^T(v))            (0 * log 0 = 0)
@@ -38,6 +46,14 @@ Memory traffic per row of V elements (e = element size):
 Without a student gradient the write disappears (2 V e). Ignored rows read nothing and only write
 zeros to the gradient. Exponentials per element: 3 for on-chip rows (reused for the gradient),
 3 per sweep for longer rows (2 when T == 1, where p_s = p_s^T).
+
+Reverse KL accumulates its D online like forward KL (W weighted by the student instead of the
+teacher), so it keeps the same traffic. JSD, TVD and the skew divergences need the row sums
+A = sum q df/dq and B = sum p df/dp after the final normalisers are known and before the first
+gradient store: on-chip rows still read once, but longer rows take three sweeps (statistics, the
+sums, the gradient): between 3 V e and 7 V e of traffic, 2 log and 2-3 exp more per element.
+Label smoothing adds the row sum of the centred student logits to the first sweep; the z-loss
+reuses the CE softmax. The (N, 4) row statistics (loss, D, CE, lse^2) cost 16 bytes per row.
 """
 
 from __future__ import annotations
@@ -46,7 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._buffers import allocate_outputs
+from .._spec import LossOptions
+from .divergences import FORWARD_KL, REVERSE_KL, divergence_terms, online_row_sums
 
 # Rows up to this many classes are held in registers: read once, no second sweep. Compiled for
 # sm_90a, 8192 classes over 16 warps (16 values per thread and operand) take 84-111 registers and
@@ -88,14 +105,16 @@ def _row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS: tl.cons
 @triton.jit
 def _row_stats_sweep(
     s_row, student_col_stride, t_row, teacher_col_stride, V, k_t,
-    SHARE_T1: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, T_IS_ONE: tl.constexpr, SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """One streaming sweep over a row (or a vocabulary shard of it): the online statistics.
 
     Returns the raw maxima max_s, max_t (-inf while every logit seen is -inf), Z_a, Z_b, Z_1
-    relative to their safe versions, and W centred on them. Exponents are shifted by the safe
-    maxima and rescaling from a raw -inf gives exp2(-inf) = 0, never NaN. When a block raises the
-    maxima, W moves to the new centre exactly (see the comment at the top of this file).
+    relative to their safe versions, W centred on them (forward KL: weighted by the teacher;
+    reverse KL: by the student; 0 otherwise) and the centred logit sum sum(s - m_s) (label
+    smoothing only). When a block raises the maxima, W and the sum move to the new centre
+    exactly (see the comment at the top of this file).
     """
     cols = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
@@ -105,6 +124,7 @@ def _row_stats_sweep(
     z_b = tl.zeros((), tl.float32)
     z_1 = tl.zeros((), tl.float32)
     w_sum = tl.zeros((), tl.float32)
+    sum_s = tl.zeros((), tl.float32)
     m_s_prev = tl.zeros((), tl.float32)
     m_t_prev = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
@@ -117,35 +137,93 @@ def _row_stats_sweep(
         m_s = _safe_max(max_s_new)
         m_t = _safe_max(max_t_new)
         rescale_t = tl.exp2((max_t - m_t) * k_t)
+        rescale_a = tl.exp2((max_s - m_s) * k_t)
+        e_a = tl.exp2((s - m_s) * k_t)
         e_b = tl.exp2((t - m_t) * k_t)
-        z_a = z_a * tl.exp2((max_s - m_s) * k_t) + tl.sum(tl.exp2((s - m_s) * k_t), axis=0)
-        w_sum = (w_sum + z_b * ((m_t_prev - m_t) - (m_s_prev - m_s))) * rescale_t
-        w_sum += tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
+        if DIVERGENCE == FORWARD_KL:
+            w_sum = (w_sum + z_b * ((m_t_prev - m_t) - (m_s_prev - m_s))) * rescale_t
+            w_sum += tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
+        elif DIVERGENCE == REVERSE_KL:
+            w_sum = (w_sum + z_a * ((m_s_prev - m_s) - (m_t_prev - m_t))) * rescale_a
+            w_sum += tl.sum(tl.where(e_a == 0.0, 0.0, e_a * ((s - m_s) - (t - m_t))), axis=0)
+        z_a = z_a * rescale_a + tl.sum(e_a, axis=0)
         z_b = z_b * rescale_t + tl.sum(e_b, axis=0)
-        if not SHARE_T1:
+        if not T_IS_ONE:
             z_1 = z_1 * tl.exp2((max_s - m_s) * LOG2E) + tl.sum(
                 tl.exp2((s - m_s) * LOG2E), axis=0
             )
+        if SMOOTHING:
+            # `start` elements were centred on the previous maximum.
+            sum_s += start * (m_s_prev - m_s) + tl.sum(tl.where(mask, s - m_s, 0.0), axis=0)
         m_s_prev = m_s
         m_t_prev = m_t
         max_s = max_s_new
         max_t = max_t_new
-    if SHARE_T1:
+    if T_IS_ONE:
         z_1 = z_a
-    return max_s, max_t, z_a, z_b, z_1, w_sum
+    return max_s, max_t, z_a, z_b, z_1, w_sum, sum_s
 
 
 @triton.jit
-def _kd_row_grads(
-    s, t, p_st, p_tt, p_s1, cols, label, m_s, m_t, log2_za, log2_zb, kl, inv_t, coef_kl, coef_ce,
+def _log_probs(s, t, m_s, m_t, log2_za, log2_zb, k_t):
+    """(log p, log q, p, q) of a block at T from the row's final statistics."""
+    log2_q = (s - m_s) * k_t - log2_za
+    log2_p = (t - m_t) * k_t - log2_zb
+    return log2_p * LN2, log2_q * LN2, tl.exp2(log2_p), tl.exp2(log2_q)
+
+
+@triton.jit
+def _divergence_sums_sweep(
+    s_row, student_col_stride, t_row, teacher_col_stride, V,
+    m_s, m_t, log2_za, log2_zb, k_t, lam, log_lam, log_1m_lam,
+    DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """(D, A, B) of a row (or shard) from its final statistics: the extra sweep of long rows."""
+    cols = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+    d_sum = tl.zeros((), tl.float32)
+    a_sum = tl.zeros((), tl.float32)
+    b_sum = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+        t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+        log_p, log_q, p, q = _log_probs(s, t, m_s, m_t, log2_za, log2_zb, k_t)
+        f, a, b = divergence_terms(log_p, log_q, p, q, lam, log_lam, log_1m_lam, DIVERGENCE)
+        d_sum += tl.sum(f, axis=0)
+        a_sum += tl.sum(a, axis=0)
+        b_sum += tl.sum(b, axis=0)
+    return d_sum, a_sum, b_sum
+
+
+@triton.jit
+def _block_grads(
+    s, t, p, q, p_1, a, b, cols, label, m_s, m_t, log2_za, log2_zb, divergence, a_sum, b_sum,
+    inv_t, coef_div, coef_p1, coef_label, coef_uniform,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, SMOOTHING: tl.constexpr,
     TEACHER_GRAD: tl.constexpr,
 ):
-    """Gradients of one block of a row from its probabilities and the row's final statistics."""
-    onehot = (cols == label).to(tl.float32)
-    grad_s = coef_kl * (p_st - p_tt) + coef_ce * (p_s1 - onehot)
+    """w * dloss/ds and w * dloss/dt of one block from the row's final statistics.
+
+    coef_div = w a T, coef_p1 = w ((1 - a) + 2 z lse), coef_label = w (1 - a)(1 - eps),
+    coef_uniform = w (1 - a) eps / V; a and b are the divergence terms of the block (unused for
+    forward KL, whose gradient is the plain q - p).
+    """
+    if DIVERGENCE == FORWARD_KL:
+        grad_s = coef_div * (q - p) + coef_p1 * p_1
+    else:
+        grad_s = coef_div * (a - tl.where(q == 0.0, 0.0, q * a_sum)) + coef_p1 * p_1
+    if HAS_LABELS:
+        grad_s -= tl.where(cols == label, coef_label, 0.0)
+        if SMOOTHING:
+            grad_s -= coef_uniform
     if TEACHER_GRAD:
-        log_ratio = ((t - m_t) - (s - m_s)) * inv_t - LN2 * (log2_zb - log2_za)
-        grad_t = tl.where(p_tt == 0.0, 0.0, coef_kl * p_tt * (log_ratio - kl))
+        if DIVERGENCE == FORWARD_KL:
+            log_ratio = ((t - m_t) - (s - m_s)) * inv_t - LN2 * (log2_zb - log2_za)
+            grad_t = tl.where(p == 0.0, 0.0, coef_div * p * (log_ratio - divergence))
+        else:
+            grad_t = coef_div * (b - tl.where(p == 0.0, 0.0, p * b_sum))
     else:
         grad_t = grad_s
     return grad_s, grad_t
@@ -155,13 +233,15 @@ def _kd_row_grads(
 def _grad_sweep(
     s_row, student_col_stride, t_row, teacher_col_stride,
     gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V, label,
-    m_s, m_t, log2_za, log2_zb, log2_z1, kl, inv_t, coef_kl, coef_ce,
-    SHARE_T1: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
+    lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+    DIVERGENCE: tl.constexpr, T_IS_ONE: tl.constexpr, HAS_LABELS: tl.constexpr,
+    SMOOTHING: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Second sweep over a row (or shard): gradients from the final statistics, stored.
+    """Last sweep over a row (or shard): gradients from the final statistics, stored.
 
-    Last block first: those bytes were read most recently by the first sweep and are the
+    Last block first: those bytes were read most recently by the previous sweep and are the
     likeliest to still be in L2.
     """
     cols = tl.arange(0, BLOCK_V)
@@ -173,15 +253,22 @@ def _grad_sweep(
         mask = offs < V
         s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
         t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-        p_st = tl.exp2((s - m_s) * k_t - log2_za)
-        p_tt = tl.exp2((t - m_t) * k_t - log2_zb)
-        if SHARE_T1:
-            p_s1 = p_st
+        if DIVERGENCE == FORWARD_KL:
+            q = tl.exp2((s - m_s) * k_t - log2_za)
+            p = tl.exp2((t - m_t) * k_t - log2_zb)
+            a = q
+            b = p
         else:
-            p_s1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
-        grad_s, grad_t = _kd_row_grads(
-            s, t, p_st, p_tt, p_s1, offs, label, m_s, m_t, log2_za, log2_zb, kl,
-            inv_t, coef_kl, coef_ce, TEACHER_GRAD,
+            log_p, log_q, p, q = _log_probs(s, t, m_s, m_t, log2_za, log2_zb, k_t)
+            _, a, b = divergence_terms(log_p, log_q, p, q, lam, log_lam, log_1m_lam, DIVERGENCE)
+        if T_IS_ONE:
+            p_1 = q
+        else:
+            p_1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
+        grad_s, grad_t = _block_grads(
+            s, t, p, q, p_1, a, b, offs, label, m_s, m_t, log2_za, log2_zb, divergence, a_sum,
+            b_sum, inv_t, coef_div, coef_p1, coef_label, coef_uniform,
+            DIVERGENCE, HAS_LABELS, SMOOTHING, TEACHER_GRAD,
         )
         if STUDENT_GRAD:
             tl.store(gs_row + offs * grad_s_col_stride, grad_s.to(gs_row.dtype.element_ty),
@@ -209,18 +296,44 @@ def _store_zero_grads(
 
 
 @triton.jit
+def _row_loss_terms(
+    s_row, student_col_stride, label, V, m_s, log2_z1, sum_s, divergence, temperature, alpha,
+    label_smoothing, z_loss, HAS_LABELS: tl.constexpr, SMOOTHING: tl.constexpr,
+):
+    """(loss, CE, lse, in_range) of a counted row from its statistics and D."""
+    lse = m_s + LN2 * log2_z1
+    row_loss = alpha * temperature * temperature * divergence + z_loss * lse * lse
+    ce = tl.zeros((), tl.float32)
+    in_range = tl.full((), 1, tl.int1)
+    if HAS_LABELS:
+        in_range = (label >= 0) & (label < V)
+        # Out-of-range labels never touch memory; their NaN makes the caller's bug visible.
+        s_label = tl.load(
+            s_row + label * student_col_stride, mask=in_range, other=float("nan")
+        ).to(tl.float32)
+        ce = LN2 * log2_z1 - (1.0 - label_smoothing) * (s_label - m_s)
+        if SMOOTHING:
+            ce -= label_smoothing * sum_s / V
+        row_loss += (1.0 - alpha) * ce
+    return row_loss, ce, lse, in_range
+
+
+@triton.jit
 def _kd_loss_fwd_kernel(
     student_ptr, student_row_stride, student_col_stride,  # (N, V) logits, any dtype/strides
     teacher_ptr, teacher_row_stride, teacher_col_stride,  # (N, V) logits, any dtype/strides
     labels_ptr, labels_stride,  # (N,) integer class ids; unused without HAS_LABELS
-    weight_ptr,  # () fp32 reduction weight w: 1, 1/batch or 1/(counted rows)
-    loss_ptr,  # (N,) fp32 out: per-row loss, 0 for ignored rows
-    grad_s_ptr, grad_s_row_stride, grad_s_col_stride,  # (N, V) out, student dtype; may alias s
-    grad_t_ptr, grad_t_row_stride, grad_t_col_stride,  # (N, V) out, teacher dtype
+    weight_ptr,  # () reduction weight w: 1, 1/batch or 1/(counted rows)
+    row_stats_ptr, row_stats_stride,  # (N, 4) fp32 out: loss, D, CE, lse^2; 0 for ignored rows
+    grad_s_ptr, grad_s_row_stride, grad_s_col_stride,  # (N, V) out; may alias the student
+    grad_t_ptr, grad_t_row_stride, grad_t_col_stride,  # (N, V) out
     V,  # vocabulary size, >= 1
-    temperature, alpha, ignore_index,  # runtime scalars: changing them does not recompile
+    # Runtime scalars: changing them does not recompile. lam is beta (JSD) or the skew.
+    temperature, alpha, lam, label_smoothing, z_loss, ignore_index,
+    DIVERGENCE: tl.constexpr,  # index into fastkd._spec.DIVERGENCES
     HAS_LABELS: tl.constexpr,
-    SHARE_T1: tl.constexpr,  # temperature == 1: the CE softmax is the KL softmax
+    T_IS_ONE: tl.constexpr,  # temperature == 1: the CE softmax is the divergence's student one
+    SMOOTHING: tl.constexpr,  # label_smoothing > 0: one more row sum
     STUDENT_GRAD: tl.constexpr,
     TEACHER_GRAD: tl.constexpr,
     ON_CHIP: tl.constexpr,  # V <= BLOCK_V: keep the row in registers, read it once
@@ -231,63 +344,108 @@ def _kd_loss_fwd_kernel(
     t_row = teacher_ptr + row * teacher_row_stride
     gs_row = grad_s_ptr + row * grad_s_row_stride
     gt_row = grad_t_ptr + row * grad_t_row_stride
+    stats_row = row_stats_ptr + row * row_stats_stride
     cols = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
-    k_t = (1.0 / temperature) * LOG2E
     inv_t = 1.0 / temperature
+    k_t = inv_t * LOG2E
+    # Only JSD and the skew divergences read these; lam lies strictly inside (0, 1) there.
+    log_lam = tl.log(tl.maximum(lam, 1e-30))
+    log_1m_lam = tl.log(tl.maximum(1.0 - lam, 1e-30))
+    ONLINE: tl.constexpr = (DIVERGENCE == FORWARD_KL) or (DIVERGENCE == REVERSE_KL)
 
     label, counted = _row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
 
     if counted:
         weight = tl.load(weight_ptr).to(tl.float32)
+        a_sum = tl.zeros((), tl.float32)
+        b_sum = tl.zeros((), tl.float32)
         if ON_CHIP:
             mask = cols < V
-            s = tl.load(s_row + cols * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-            t = tl.load(t_row + cols * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+            s = tl.load(s_row + cols * student_col_stride, mask=mask, other=neg_inf).to(
+                tl.float32)
+            t = tl.load(t_row + cols * teacher_col_stride, mask=mask, other=neg_inf).to(
+                tl.float32)
             m_s = _safe_max(tl.max(s, axis=0))
             m_t = _safe_max(tl.max(t, axis=0))
             # The exponentials stay in registers and become the probabilities of the gradient:
-            # 3 exp2 per element in all (2 when T == 1).
+            # 3 exp2 per element for forward KL (2 when T == 1).
             e_a = tl.exp2((s - m_s) * k_t)
             e_b = tl.exp2((t - m_t) * k_t)
             z_a = tl.sum(e_a, axis=0)
             z_b = tl.sum(e_b, axis=0)
-            if SHARE_T1:
+            if T_IS_ONE:
                 e_1 = e_a
             else:
                 e_1 = tl.exp2((s - m_s) * LOG2E)
             z_1 = tl.sum(e_1, axis=0)
-            w_sum = tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
+            sum_s = tl.sum(tl.where(mask, s - m_s, 0.0), axis=0)
+            log2_za = tl.log2(z_a)
+            log2_zb = tl.log2(z_b)
+            q = e_a * (1.0 / z_a)
+            p = e_b * (1.0 / z_b)
+            if DIVERGENCE == FORWARD_KL:
+                w_sum = tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
+                divergence = (w_sum / z_b) * inv_t + LN2 * (log2_za - log2_zb)
+                a = q
+                b = p
+            else:
+                log_p = ((t - m_t) * k_t - log2_zb) * LN2
+                log_q = ((s - m_s) * k_t - log2_za) * LN2
+                f, a, b = divergence_terms(log_p, log_q, p, q, lam, log_lam, log_1m_lam,
+                                           DIVERGENCE)
+                divergence = tl.sum(f, axis=0)
+                a_sum = tl.sum(a, axis=0)
+                b_sum = tl.sum(b, axis=0)
         else:
             # Sweep 1: online max / sum-exp of the three softmaxes and of W, block by block.
-            max_s, max_t, z_a, z_b, z_1, w_sum = _row_stats_sweep(
-                s_row, student_col_stride, t_row, teacher_col_stride, V, k_t, SHARE_T1, BLOCK_V,
+            max_s, max_t, z_a, z_b, z_1, w_sum, sum_s = _row_stats_sweep(
+                s_row, student_col_stride, t_row, teacher_col_stride, V, k_t,
+                DIVERGENCE, T_IS_ONE, SMOOTHING, BLOCK_V,
             )
             m_s = _safe_max(max_s)
             m_t = _safe_max(max_t)
-
-        log2_za = tl.log2(z_a)
-        log2_zb = tl.log2(z_b)
+            log2_za = tl.log2(z_a)
+            log2_zb = tl.log2(z_b)
+            if DIVERGENCE == FORWARD_KL:
+                divergence = (w_sum / z_b) * inv_t + LN2 * (log2_za - log2_zb)
+            elif DIVERGENCE == REVERSE_KL:
+                divergence = (w_sum / z_a) * inv_t + LN2 * (log2_zb - log2_za)
+            else:
+                # Sweep 2 (JSD, TVD, skew): the divergence and its gradient row sums.
+                divergence, a_sum, b_sum = _divergence_sums_sweep(
+                    s_row, student_col_stride, t_row, teacher_col_stride, V,
+                    m_s, m_t, log2_za, log2_zb, k_t, lam, log_lam, log_1m_lam,
+                    DIVERGENCE, BLOCK_V,
+                )
+        if ONLINE:
+            a_sum, b_sum = online_row_sums(divergence, DIVERGENCE)
         log2_z1 = tl.log2(z_1)
-        kl = (w_sum / z_b) * inv_t + LN2 * (log2_za - log2_zb)
-        row_loss = alpha * temperature * temperature * kl
-        if HAS_LABELS:
-            in_range = (label >= 0) & (label < V)
-            # Out-of-range labels never touch memory; their NaN makes the caller's bug visible.
-            s_label = tl.load(
-                s_row + label * student_col_stride, mask=in_range, other=float("nan")
-            ).to(tl.float32)
-            ce = (m_s - s_label) + LN2 * log2_z1
-            row_loss += (1.0 - alpha) * ce
-        tl.store(loss_ptr + row, row_loss)
+        row_loss, ce, lse, in_range = _row_loss_terms(
+            s_row, student_col_stride, label, V, m_s, log2_z1, sum_s, divergence, temperature,
+            alpha, label_smoothing, z_loss, HAS_LABELS, SMOOTHING,
+        )
+        tl.store(stats_row, row_loss)
+        tl.store(stats_row + 1, divergence)
+        tl.store(stats_row + 2, ce)
+        tl.store(stats_row + 3, lse * lse)
 
         if STUDENT_GRAD or TEACHER_GRAD:
-            coef_kl = weight * alpha * temperature
-            coef_ce = weight * (1.0 - alpha)
+            coef_div = weight * alpha * temperature
+            coef_p1 = weight * 2.0 * z_loss * lse
+            coef_label = tl.zeros((), tl.float32)
+            coef_uniform = tl.zeros((), tl.float32)
+            if HAS_LABELS:
+                coef_ce = weight * (1.0 - alpha)
+                # A label outside the vocabulary makes the whole row's gradient NaN, as its loss.
+                coef_p1 += tl.where(in_range, coef_ce, float("nan"))
+                coef_label = coef_ce * (1.0 - label_smoothing)
+                coef_uniform = coef_ce * label_smoothing / V
             if ON_CHIP:
-                grad_s, grad_t = _kd_row_grads(
-                    s, t, e_a * (1.0 / z_a), e_b * (1.0 / z_b), e_1 * (1.0 / z_1), cols, label,
-                    m_s, m_t, log2_za, log2_zb, kl, inv_t, coef_kl, coef_ce, TEACHER_GRAD,
+                grad_s, grad_t = _block_grads(
+                    s, t, p, q, e_1 * (1.0 / z_1), a, b, cols, label, m_s, m_t, log2_za,
+                    log2_zb, divergence, a_sum, b_sum, inv_t, coef_div, coef_p1, coef_label,
+                    coef_uniform, DIVERGENCE, HAS_LABELS, SMOOTHING, TEACHER_GRAD,
                 )
                 if STUDENT_GRAD:
                     tl.store(gs_row + cols * grad_s_col_stride,
@@ -299,12 +457,15 @@ def _kd_loss_fwd_kernel(
                 _grad_sweep(
                     s_row, student_col_stride, t_row, teacher_col_stride,
                     gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V, label,
-                    m_s, m_t, log2_za, log2_zb, log2_z1, kl, inv_t, coef_kl, coef_ce,
-                    SHARE_T1, STUDENT_GRAD, TEACHER_GRAD, BLOCK_V,
+                    m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
+                    lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+                    DIVERGENCE, T_IS_ONE, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD,
+                    BLOCK_V,
                 )
     else:
         # Ignored row: no loss, zero gradient, and its logits are never read.
-        tl.store(loss_ptr + row, 0.0)
+        for k in tl.static_range(4):
+            tl.store(stats_row + k, 0.0)
         _store_zero_grads(gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V,
                           STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
 
@@ -340,56 +501,48 @@ def forward_config(vocab_size: int) -> dict:
     return {"ON_CHIP": False, "BLOCK_V": LOOP_BLOCK_V, "num_warps": LOOP_NUM_WARPS}
 
 
-def kd_forward(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor | None,
-    row_weight: torch.Tensor,
-    *,
-    temperature: float,
-    alpha: float,
-    ignore_index: int,
-    student_grad: bool,
-    teacher_grad: bool,
-    grad_student_out: torch.Tensor | None = None,
-):
-    """Launch the fused forward on 2-D (N, V) logits.
+def kernel_flags(options: LossOptions, *, has_labels: bool) -> dict:
+    """The compile-time flags of the forward kernel for these options."""
+    return {
+        "DIVERGENCE": options.divergence_id,
+        "HAS_LABELS": has_labels,
+        "T_IS_ONE": options.temperature == 1.0,
+        "SMOOTHING": has_labels and options.label_smoothing > 0.0,
+    }
 
-    Returns (row_losses fp32 (N,), grad_student (N, V) or None, grad_teacher (N, V) or None).
-    grad_student_out, when given, receives the student gradient (it may be the student logits
-    themselves, for inplace_backward). Arguments are assumed validated by fastkd._validation.
+
+def kd_rows(student_logits, teacher_logits, labels, weight, row_stats, grad_student,
+            grad_teacher, options: LossOptions) -> None:
+    """Launch the fused forward on 2-D (N, V) logits, filling the caller's outputs.
+
+    Arguments are assumed validated by fastkd._spec; see fastkd._ops.kd_rows for the contract.
     """
     n_rows, vocab = student_logits.shape
-    row_losses, grad_s, grad_t = allocate_outputs(
-        student_logits, teacher_logits, student_grad=student_grad, teacher_grad=teacher_grad,
-        grad_student_out=grad_student_out,
-    )
     if n_rows == 0:
-        return row_losses, grad_s, grad_t
+        return
     # Pointers that a constexpr flag leaves unused still need a tensor to point at.
-    gs = grad_s if grad_s is not None else row_losses.view(1, -1)
-    gt = grad_t if grad_t is not None else row_losses.view(1, -1)
-    lab = labels if labels is not None else row_losses
+    gs = grad_student if grad_student is not None else row_stats
+    gt = grad_teacher if grad_teacher is not None else row_stats
+    lab = labels if labels is not None else row_stats
     config = forward_config(vocab)
     _kd_loss_fwd_kernel[(n_rows,)](
         student_logits, student_logits.stride(0), student_logits.stride(1),
         teacher_logits, teacher_logits.stride(0), teacher_logits.stride(1),
         lab, lab.stride(0) if labels is not None else 0,
-        row_weight,
-        row_losses,
+        weight,
+        row_stats, row_stats.stride(0),
         gs, gs.stride(0), gs.stride(1),
         gt, gt.stride(0), gt.stride(1),
         vocab,
-        float(temperature), float(alpha), int(ignore_index),
-        HAS_LABELS=labels is not None,
-        SHARE_T1=float(temperature) == 1.0,
-        STUDENT_GRAD=student_grad,
-        TEACHER_GRAD=teacher_grad,
+        float(options.temperature), float(options.alpha), float(options.divergence_parameter),
+        float(options.label_smoothing), float(options.z_loss), int(options.ignore_index),
+        **kernel_flags(options, has_labels=labels is not None),
+        STUDENT_GRAD=grad_student is not None,
+        TEACHER_GRAD=grad_teacher is not None,
         ON_CHIP=config["ON_CHIP"],
         BLOCK_V=config["BLOCK_V"],
         num_warps=config["num_warps"],
     )
-    return row_losses, grad_s, grad_t
 
 
 def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:

@@ -110,10 +110,14 @@ def test_custom_op_passes_opcheck(student_grad):
     teacher = torch.randn(6, 37, generator=gen)
     labels = torch.randint(0, 37, (6,), generator=gen)
     weight = torch.tensor(1.0 / 6)
-    torch.library.opcheck(
-        torch.ops.fastkd.kd_forward.default,
-        (student, teacher, labels, weight, 2.0, 0.5, -100, student_grad, False),
-    )
+    row_stats = torch.empty(6, 4)
+    grad_student = torch.empty(6, 37) if student_grad else None
+    for divergence in fastkd.DIVERGENCES:
+        torch.library.opcheck(
+            torch.ops.fastkd.kd_rows.default,
+            (student, teacher, labels, weight, row_stats, grad_student, None, divergence, 2.0,
+             0.5, 0.3, 0.1, 0.1, 0.01, -100),
+        )
     grad = torch.randn(6, 37, generator=gen)
     torch.library.opcheck(torch.ops.fastkd.scale_rows_.default, (grad, torch.tensor(0.5)))
 

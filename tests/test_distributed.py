@@ -30,7 +30,9 @@ from hypothesis import strategies as st
 
 import fastkd
 import fastkd.distributed as fkd_dist
-from fastkd import reference
+from fastkd import _torch_backend, reference
+from fastkd._dense import _vocab_parallel_backend
+from fastkd._spec import ONLINE_DIVERGENCES, ROW_LOSS, check_loss_options
 
 IGNORE = -100
 # The interpreter evaluates masked-off lanes too (-inf - -inf there); kernels discard them.
@@ -101,6 +103,9 @@ def loss_options(case: dict) -> dict:
         "reduction": case.get("reduction", "mean"),
         "ignore_index": IGNORE,
     }
+    for name in ("divergence", "beta", "skew", "label_smoothing", "z_loss"):
+        if name in case:
+            options[name] = case[name]
     if "normalizer" in case:
         options["normalizer"] = case["normalizer"]
     return options
@@ -130,30 +135,30 @@ def simulate_shards(case: dict, device):
     student, teacher = student.to(device), teacher.to(device)
     labels = labels.to(device).view(-1) if labels is not None else None
     s2, t2 = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
-    options = loss_options(case)
-    alpha = 1.0 if labels is None else (0.5 if options["alpha"] is None else options["alpha"])
-    backend = fkd_dist._select_vocab_parallel_backend(student.device)
+    options = check_loss_options(
+        has_labels=labels is not None,
+        **{k: v for k, v in loss_options(case).items() if k != "normalizer"})
+    backend = _vocab_parallel_backend(student.device)
     bounds = shard_bounds(vocab, case["sizes"])
-    stats = [
-        backend.shard_stats(s2[:, a:b], t2[:, a:b], labels, vocab_start=a,
-                            temperature=options["temperature"], ignore_index=IGNORE)
-        for a, b in bounds
-    ]
-    gathered = torch.stack(stats)
-    weight = torch.ones((), dtype=gathered.dtype, device=device)
-    outputs = [
-        backend.shard_loss_and_grad(
-            gathered, s2[:, a:b], t2[:, a:b], labels, weight, vocab_start=a,
-            temperature=options["temperature"], alpha=alpha, ignore_index=IGNORE,
-            student_grad=True, teacher_grad=bool(case.get("mutual")),
-        )
-        for a, b in bounds
-    ]
-    for row_losses, _, _ in outputs[1:]:
-        torch.testing.assert_close(row_losses, outputs[0][0], rtol=0, atol=0, equal_nan=True)
-    grad_s = torch.cat([g for _, g, _ in outputs], dim=1)
-    grad_t = torch.cat([g for _, _, g in outputs], dim=1) if case.get("mutual") else None
-    return outputs[0][0], grad_s, grad_t
+    shards = [(s2[:, a:b], t2[:, a:b], a) for a, b in bounds]
+    stats = [backend.shard_stats(s, t, labels, vocab_start=a, options=options)
+             for s, t, a in shards]
+    state = _torch_backend.combine_stats(torch.stack(stats), options)
+    sums = None
+    if options.divergence_id not in ONLINE_DIVERGENCES:
+        sums = sum(backend.shard_divergence_sums(state, s, t, options) for s, t, _ in shards)
+    row_stats, a_sum, b_sum = _torch_backend.row_statistics(state, sums, labels, options)
+    weight = torch.ones((), dtype=row_stats.dtype, device=device)
+    grads_s, grads_t = [], []
+    for s, t, a in shards:
+        grad_s = torch.empty_like(s)
+        grad_t = torch.empty_like(t) if case.get("mutual") else None
+        backend.shard_grads(state, a_sum, b_sum, s, t, labels, weight, options, vocab_start=a,
+                            grad_student=grad_s, grad_teacher=grad_t)
+        grads_s.append(grad_s)
+        grads_t.append(grad_t)
+    grad_t = torch.cat(grads_t, dim=1) if case.get("mutual") else None
+    return row_stats[:, ROW_LOSS], torch.cat(grads_s, dim=1), grad_t
 
 
 SIM_CASES = {
@@ -171,6 +176,17 @@ SIM_CASES = {
                                  temperature=1.3),
     "bf16": dict(seed=9, vocab=600, sizes=[300, 300], lead=(6,), dtype=torch.bfloat16,
                  temperature=2.0),
+    "reverse_kl_smoothing": dict(seed=40, vocab=301, sizes=[100, 201], lead=(6,),
+                                 divergence="reverse_kl", label_smoothing=0.1, temperature=2.0,
+                                 mutual=True),
+    "jsd_z_loss": dict(seed=41, vocab=257, sizes=[100, 100, 57], lead=(7,), divergence="jsd",
+                       beta=0.3, z_loss=0.01, mutual=True, temperature=1.5),
+    "tvd_shift": dict(seed=42, vocab=300, sizes=[150, 150], lead=(6,), divergence="tvd",
+                      shift=1e4, alpha=0.6),
+    "skew_kl_masked": dict(seed=43, vocab=257, sizes=[100, 100, 57], lead=(8,),
+                           divergence="skew_kl", skew=0.2, masked=True, mutual=True),
+    "skew_reverse_kl": dict(seed=44, vocab=200, sizes=[120, 80], lead=(6,),
+                            divergence="skew_reverse_kl", temperature=2.0, label_smoothing=0.2),
 }
 
 
@@ -271,6 +287,12 @@ GROUP_CASES = {
                                    masked=True),
         "triton_batchmean_T1": dict(seed=15, vocab=200, sizes=[150, 50], lead=(2, 3),
                                     reduction="batchmean", alpha=0.8, backend="triton"),
+        **{f"{divergence}_{backend}": dict(
+            seed=50 + i, vocab=131, sizes=[64, 67], lead=(6,), divergence=divergence, beta=0.3,
+            skew=0.2, temperature=2.0, label_smoothing=0.1, z_loss=0.01, mutual=True,
+            backend=backend)
+           for i, (divergence, backend) in enumerate(
+               (d, b) for d in fastkd.DIVERGENCES[1:] for b in ("torch", "triton"))},
     },
     3: {
         "v1001_mean_T2": dict(seed=21, vocab=1001, sizes=[334, 334, 333], lead=(2, 4),
@@ -292,6 +314,11 @@ GROUP_CASES = {
                              temperature=2.0, pass_start=False),
         "triton_v1001": dict(seed=29, vocab=1001, sizes=[334, 334, 333], lead=(7,),
                              temperature=2.0, alpha=0.6, backend="triton"),
+        **{f"{divergence}_{backend}": dict(
+            seed=70 + i, vocab=101, sizes=[30, 40, 31], lead=(5,), divergence=divergence,
+            beta=0.7, skew=0.1, temperature=1.0, alpha=0.6, backend=backend)
+           for i, (divergence, backend) in enumerate(
+               (d, b) for d in fastkd.DIVERGENCES[1:] for b in ("torch", "triton"))},
     },
 }
 
@@ -519,7 +546,7 @@ def compile_for_sm90(kernel, dtype: str, constexprs: dict, num_warps: int):
     from triton.compiler import ASTSource
 
     fixed_pointers = {"stats_ptr": "*fp32", "labels_ptr": "*i64", "weight_ptr": "*fp32",
-                      "loss_ptr": "*fp32"}
+                      "state_ptr": "*fp32", "sums_ptr": "*fp32", "row_stats_ptr": "*fp32"}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs or name.isupper():
@@ -528,7 +555,7 @@ def compile_for_sm90(kernel, dtype: str, constexprs: dict, num_warps: int):
             signature[name] = fixed_pointers.get(name, "*" + dtype)
         elif name.endswith("_stride"):
             signature[name] = "i64"
-        elif name in ("temperature", "alpha"):
+        elif name in ("temperature", "alpha", "lam", "label_smoothing", "z_loss"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -547,6 +574,7 @@ def static_resource_usage() -> dict:
     """cuobjdump's resource line of every STATIC_BUILDS kernel compiled for sm_90a. Runs in a
     process without TRITON_INTERPRET, where @triton.jit gives compilable kernels."""
     import triton
+
     from fastkd.kernels import kd_vocab_parallel as kernels
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
@@ -555,14 +583,14 @@ def static_resource_usage() -> dict:
     block, warps = dict(BLOCK_V=config["BLOCK_V"]), config["num_warps"]
     usage = {}
     for which, dtype in STATIC_BUILDS:
+        flags = dict(DIVERGENCE=0, HAS_LABELS=True, T_IS_ONE=False, SMOOTHING=False, **block)
         if which == "stats":
-            compiled = compile_for_sm90(kernels._vp_stats_kernel, dtype,
-                                        dict(HAS_LABELS=True, SHARE_T1=False, **block), warps)
+            compiled = compile_for_sm90(kernels._vp_stats_kernel, dtype, flags, warps)
         else:
             compiled = compile_for_sm90(
-                kernels._vp_loss_grad_kernel, dtype,
-                dict(HAS_LABELS=True, SHARE_T1=False, STUDENT_GRAD=True,
-                     TEACHER_GRAD=which == "grad_mutual", WORLD_BLOCK=8, **block), warps,
+                kernels._vp_rows_kernel, dtype,
+                dict(SUMS=False, STUDENT_GRAD=True, TEACHER_GRAD=which == "grad_mutual",
+                     **flags), warps,
             )
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from fastkd.kernels.kd_loss import LOOP_BLOCK_V, MAX_ON_CHIP_V
 from helpers import (
     assert_close,
     check_against_reference,
@@ -25,6 +24,7 @@ from helpers import (
 )
 
 import fastkd
+from fastkd.kernels.kd_loss import LOOP_BLOCK_V, MAX_ON_CHIP_V
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
 

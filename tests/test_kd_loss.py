@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from fastkd.kernels.kd_loss import LOOP_BLOCK_V, MAX_ON_CHIP_V
 from helpers import (
     Result,
     assert_close,
@@ -27,6 +26,7 @@ from helpers import (
 )
 
 import fastkd
+from fastkd.kernels.kd_loss import LOOP_BLOCK_V, MAX_ON_CHIP_V
 
 # The first vocabulary of the two-sweep path that ends one element past a loop block.
 _LOOP_BLOCKS = MAX_ON_CHIP_V // LOOP_BLOCK_V + 1
