@@ -178,3 +178,8 @@ def test_rest_codes_round_trip_within_bound(dtype):
     assert torch.all(torch.where(finite[:, 1:], out[:, 1:] <= out[:, :-1], True))  # still sorted
     with pytest.raises(ValueError, match="exact_k"):
         storage.encode_rest_logprobs(v, k, dtype)
+
+
+def test_topk_with_tail_refuses_bad_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        topk_with_tail(torch.randn(2, 8), 3, temperature=0.0)

@@ -195,8 +195,9 @@ def run_dump(args: argparse.Namespace) -> dict:
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    from .._spec import check_loss_options
+
+    check_loss_options(temperature=args.temperature, has_labels=None)
     for name in ("seq_len", "batch_tokens", "shard_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .._spec import check_loss_options
 from .storage import (
     DONE_PATTERN,
     SHARD_PATTERN,
@@ -231,6 +232,7 @@ def check_loss_settings(manifest, *, temperature: float, tail: str) -> None:
     been made at that temperature. ``tail="renormalize"`` divides the values by the loss
     temperature: a dump at T != 1 would be tempered twice.
     """
+    temperature = check_loss_options(temperature=temperature, has_labels=None).temperature
     stored = manifest.temperature
     if tail == "bucket":
         if float(temperature) != stored:

@@ -12,14 +12,16 @@ shard j holds the same sequences whatever ran before it. That gives
   computes the shards j with j mod W == r, and every rank scans the whole sequence stream to
   find its shards (cheap next to the teacher).
 
-Per teacher row, with z = logits / T (fp32) and lse = logsumexp(z):
+Per teacher row, with z = logits / T (fp32), m = max(z) and e = exp(z - m):
 
     ids, top = topk(z, k)                 # largest first
-    logprobs = top - lse                  # full-vocabulary log-softmax at T
-    tail     = logsumexp(z outside ids) - lse  = log(1 - Σ_k p_k)
+    logprobs = top - (m + log Σ_v e_v)    # full-vocabulary log-softmax at T
+    tail     = log Σ_{v ∉ ids} e_v - log Σ_v e_v  = log(1 - Σ_k p_k)
 
-The tail is taken from the entries outside the top k, not as log(1 - Σ exp(logprobs)), which
-cancels to 0 or below when the top k hold nearly all the mass: at k = V it is exactly -inf.
+The tail is summed over the entries outside the top k, not taken as log(1 - Σ exp(logprobs)),
+which cancels to 0 or below when the top k hold nearly all the mass: at k = V it is exactly -inf.
+One pass of exponentials serves both sums. Memory traffic per row: read V logits, write the
+fp32 copy and its exponentials (2V), read them for the sums and the top k (about 3V), scatter k.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .._spec import check_loss_options
 from .storage import (
     DONE_PATTERN,
     MANIFEST_NAME,
@@ -67,6 +70,7 @@ def topk_with_tail(logits: torch.Tensor, k: int, temperature: float = 1.0):
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (rows, V), got shape {tuple(logits.shape)}")
+    temperature = check_loss_options(temperature=temperature, has_labels=None).temperature
     n, v = logits.shape
     if not 1 <= k <= v:
         raise ValueError(f"k must be in [1, V={v}], got {k}")
@@ -76,17 +80,25 @@ def topk_with_tail(logits: torch.Tensor, k: int, temperature: float = 1.0):
     step = max(1, TOPK_CHUNK_ELEMENTS // v)
     producer = _library_topk()
     for a in range(0, n, step):
-        z = logits[a : a + step].float() / temperature
-        lse = z.logsumexp(-1)
+        z = logits[a : a + step].float()
+        if temperature != 1.0:
+            z = z / temperature
+        # One exponential per entry serves both sums: the row's and the complement's.
+        m = z.amax(dim=-1, keepdim=True)
+        m = torch.where(m == float("-inf"), 0.0, m)  # a fully masked row: no inf - inf
+        e = (z - m).exp_()
+        log_total = e.sum(dim=-1).log()
         if producer is None:
             top, idx = z.topk(k, dim=-1)
-            lp = top - lse[:, None]
+            lp = top - (m.squeeze(-1) + log_total)[:, None]
         else:
             idx, lp = producer(logits[a : a + step], k, temperature=temperature)
             idx = idx.long()
         ids[a : a + step] = idx
         logprobs[a : a + step] = lp
-        tail[a : a + step] = z.scatter_(-1, idx, float("-inf")).logsumexp(-1) - lse
+        # The complement summed directly (entries relative to the row's max, so <= 1): no
+        # cancellation; it reaches 0 (tail -inf) only below ~1e-38 of the row's mass.
+        tail[a : a + step] = e.scatter_(-1, idx, 0.0).sum(dim=-1).log() - log_total
     return ids, logprobs, tail
 
 
