@@ -8,11 +8,13 @@ Nothing is downloaded. The run
 2. writes the training windows to a ``.jsonl`` file and runs ``fastkd-topk dump`` on them (the
    CLI's ``main``, in this process): top-k ids, log-probs at the loss temperature and the tail
    log-mass, in safetensors shards;
-3. trains two copies of one student initialisation on the same batches in the same order:
+3. trains three copies of one student initialisation on the same batches in the same order,
+   each in a process of its own:
 
    * ``offline``: batches from ``fastkd.offline.TopKDataset`` + ``TopKCollator``, loss
      ``fastkd.topk_kd_loss`` (tail bucket with the stored tail), no teacher in memory;
    * ``online``: the teacher run live on each batch, loss ``fastkd.KDLoss`` on its full logits;
+   * ``labels``: cross-entropy on the labels only, for reference;
 
    and checks that the first step's loss from the file equals ``topk_kd_loss`` on the teacher's
    top-k computed live;
@@ -63,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--student-n-layer", type=int, default=1)
     p.add_argument("--student-n-embd", type=int, default=64)
     p.add_argument("--k", type=int, default=64, help="teacher entries stored per token")
-    p.add_argument("--temperature", type=float, default=2.0)
+    # 1, not distill_hf's 2: at T=2 this small teacher's top 64 hold 17 % of its mass, and the
+    # tail bucket carries too little to learn from (examples/OFFLINE.md)
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=0.9)
     p.add_argument("--tail", choices=["bucket", "renormalize"], default="bucket",
                    help="bucket: log-probs dumped at --temperature, tail stored; renormalize: "
@@ -75,7 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--phase", choices=["dump", "offline", "online"], default=None,
+    p.add_argument("--in-process", action="store_true",
+                   help="run every phase in this process: faster to start, but then the peak "
+                   "memory figures are the whole run's, not each phase's")
+    p.add_argument("--phase", choices=["dump", "offline", "online", "labels"], default=None,
                    help=argparse.SUPPRESS)  # one phase of a run, in its own process
     return p.parse_args(argv)
 
@@ -98,6 +105,10 @@ def run_phase(args, phase: str) -> dict:
     import os
     import subprocess
 
+    if args.in_process:
+        (phase_dump if phase == "dump" else phase_student)(*((args,) if phase == "dump"
+                                                            else (args, phase)))
+        return json.loads((args.out / f"phase_{phase}.json").read_text())
     argv = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, *args.argv]
     env = dict(os.environ)
     # the child imports the same fastkd as this process
@@ -131,7 +142,7 @@ def main(argv=None) -> dict:
     try:
         if args.phase == "dump":
             return phase_dump(args)
-        if args.phase in ("offline", "online"):
+        if args.phase in ("offline", "online", "labels"):
             return phase_student(args, args.phase)
         return run(args)
     finally:
@@ -202,22 +213,27 @@ def losses(args, teacher):
                                attention_mask=batch["attention_mask"]).logits
         return dense(logits[:, :-1], t_logits[:, :-1], batch["labels"][:, 1:])
 
-    return topk_loss, offline_loss, online_loss
+    def labels_loss(logits, batch):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                 batch["labels"][:, 1:].flatten())
+
+    return topk_loss, offline_loss, online_loss, labels_loss
 
 
 def phase_student(args, which: str) -> dict:
-    """Train one student (offline: from the file, no teacher loaded; online: teacher live)."""
+    """Train one student: offline (from the file, no teacher loaded), online (teacher live) or
+    labels (cross-entropy only, for reference)."""
     start_rss = rss_mib("VmRSS")
     _, _, loader = load_run(args)
     teacher = None
     if which == "online":
         teacher = transformers.AutoModelForCausalLM.from_pretrained(args.out / "teacher")
         teacher.eval().requires_grad_(False)
-    _, offline_loss, online_loss = losses(args, teacher)
+    _, offline_loss, online_loss, labels_loss = losses(args, teacher)
+    loss_fn = {"offline": offline_loss, "online": online_loss, "labels": labels_loss}[which]
     student = transformers.AutoModelForCausalLM.from_pretrained(args.out / "student_init")
     bar = dict(disable=args.no_progress, dynamic_ncols=True)
-    result = student_loop(which, student, loader(),
-                          offline_loss if which == "offline" else online_loss, args, bar)
+    result = student_loop(which, student, loader(), loss_fn, args, bar)
     held = torch.load(args.out / "heldout.pt")
     result["perplexity"] = distill_hf.perplexity(student, *held, 4 * args.batch_size,
                                                  torch.device("cpu"))
@@ -281,7 +297,7 @@ def run(args) -> dict:
     rows = dataset.num_rows
 
     # the first batch's loss from the file against topk_kd_loss on the teacher's live top-k
-    topk_loss, offline_loss, _ = losses(args, teacher)
+    topk_loss, offline_loss, _, _ = losses(args, teacher)
     first = next(iter(loader()))
     with torch.no_grad():
         logits = init(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
@@ -297,7 +313,7 @@ def run(args) -> dict:
         first_live = topk_loss(logits, live_ids, live_values, live_tail.reshape(b, length),
                                first["labels"]).item()
 
-    students = {name: run_phase(args, name) for name in ("offline", "online")}
+    students = {name: run_phase(args, name) for name in ("offline", "online", "labels")}
     m = dataset.manifest
     report = {
         "perplexity_heldout": {
@@ -336,13 +352,13 @@ def print_summary(r: dict) -> None:
     ppl, d, s = r["perplexity_heldout"], r["dump"], r["students"]
     print(f"\nheld-out perplexity ({r['corpus']['heldout_tokens']:,} tokens): teacher "
           f"{ppl['teacher']:.2f}, offline student {ppl['student_offline']:.2f}, online student "
-          f"{ppl['student_online']:.2f}")
+          f"{ppl['student_online']:.2f}, labels-only student {ppl['student_labels']:.2f}")
     print(f"dump: {d['rows']:,} rows in {d['seconds']:.1f} s ({d['rows_per_second']:,.0f} "
           f"rows/s), {d['disk_bytes'] / 2**20:.2f} MiB on disk, {d['disk_bytes_per_row']:.1f} "
           f"B/row (k={d['k']}, {d['id_bits']}-bit ids, {d['values_dtype']}), peak RSS "
           f"{d['peak_rss_mib']:.0f} MiB; the dense fp16 logits would take "
           f"{r['dense_teacher_logits_bytes_fp16'] / 2**20:.1f} MiB")
-    for name in ("offline", "online"):
+    for name in ("offline", "online", "labels"):
         print(f"student {name}: {s[name]['seconds']:.1f} s, peak RSS "
               f"{s[name]['peak_rss_mib']:.0f} MiB (process after imports "
               f"{s[name]['rss_before_mib']:.0f}), final loss {s[name]['final_loss']:.4f}")

@@ -19,7 +19,7 @@ TINY_ARGS = [
     "--no-progress", "--steps", "4", "--teacher-steps", "4", "--batch-size", "4",
     "--seq-len", "16", "--vocab-size", "384", "--corpus-chars", "150000",
     "--heldout-windows", "16", "--teacher-n-layer", "1", "--teacher-n-embd", "32",
-    "--student-n-embd", "32", "--k", "8",
+    "--student-n-embd", "32", "--k", "8", "--in-process",
 ]
 
 
@@ -34,12 +34,12 @@ def test_offline_example_runs(tmp_path, monkeypatch):
     report = example.main([*TINY_ARGS, "--out", str(tmp_path / "run")])
     d = report["dump"]
     assert d["rows"] == 4 * 4 * 16  # steps x batch windows, seq_len rows each
-    assert d["id_bits"] == 9 and d["k"] == 8 and d["temperature"] == 2.0
+    assert d["id_bits"] == 9 and d["k"] == 8 and d["temperature"] == 1.0
     assert d["manifest_bytes_per_row"] == 9 + 16 + 8
     assert d["disk_bytes_per_row"] < 2 * d["manifest_bytes_per_row"]  # headers are small
-    for name in ("teacher", "student_offline", "student_online"):
+    for name in ("teacher", "student_offline", "student_online", "student_labels"):
         assert math.isfinite(report["perplexity_heldout"][name])
-    for name in ("offline", "online"):
+    for name in ("offline", "online", "labels"):
         assert report["students"][name]["seconds"] > 0
         assert report["students"][name]["peak_rss_mib"] > 0
     # fp16 log-probs from the file against the teacher's live fp32 top-k
