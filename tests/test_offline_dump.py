@@ -123,6 +123,21 @@ def test_dump_matches_teacher_run_live(setup, packed_dump):
                                    live_lp, atol=2e-3)
 
 
+def test_dataset_in_dataloader_workers(setup, packed_dump):
+    import pickle
+
+    ds = TopKDataset(packed_dump, setup["tok"])
+    first = ds[0]
+    clone = pickle.loads(pickle.dumps(ds))  # as a spawned worker receives it: no open mappings
+    assert all(torch.equal(first[key], clone[0][key]) for key in first)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2,
+                                         collate_fn=TopKCollator(setup["tok"].pad_token_id))
+    batches = list(loader)
+    assert sum(len(b["input_ids"]) for b in batches) == len(ds)
+    assert torch.equal(batches[0]["teacher_topk_ids"][0, : len(first["topk_ids"])],
+                       first["topk_ids"])
+
+
 def test_packed_and_int32_ids_store_the_same_rows(setup, packed_dump):
     plain = run_dump(setup, setup["root"] / "plain", "docs.jsonl")
     a, b = TopKDataset(packed_dump, setup["tok"]), TopKDataset(plain, setup["tok"])

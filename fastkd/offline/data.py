@@ -118,6 +118,11 @@ class TopKDataset(torch.utils.data.Dataset):
     def num_rows(self) -> int:
         return self.num_tokens - len(self)
 
+    def __getstate__(self):  # DataLoader workers started by spawn get no open mappings
+        state = dict(self.__dict__)
+        state["_handles"], state["_pid"] = {}, None
+        return state
+
     def _handle(self, shard: int):
         from safetensors import safe_open
 
@@ -181,6 +186,7 @@ class TopKCollator:
     The last token of each sequence and the padding positions have no teacher row: their values
     are all -inf (padding entries of the top-k loss, ids 0 and never read) and their tail is
     -inf; the shifted labels of those positions are ``ignore_index``, so they are ignored rows.
+    Pass the labels also for pure distillation (alpha=1): they are what marks those rows.
     """
 
     def __init__(self, pad_token_id: int = 0, *, ignore_index: int = -100,
