@@ -201,6 +201,8 @@ def run_dump(args: argparse.Namespace) -> dict:
     for name in ("seq_len", "batch_tokens", "shard_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not Path(args.data).exists():  # before loading the teacher
+        raise FileNotFoundError(f"--data {args.data}: no such file or directory")
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
