@@ -166,9 +166,11 @@ def test_exact_k_stores_the_rest_as_codes(setup, packed_dump):
             span = (ref[:, 3] - ref[:, -1])[:, None]
             # code step / 2, plus fp16 rounding of the decoded value and of the row's floor
             assert torch.all((v - ref).abs() <= span / 508 + 2e-3 * (1 + ref.abs()))
-    assert cli.main(["dump", "--teacher", str(setup["teacher_dir"]), "--data",
-                     str(setup["root"] / "docs.jsonl"), "--out", str(setup["root"] / "bad"),
-                     "--k", "4", "--exact-k", "4", "--no-progress"]) == 2
+    for bad in (["--k", "4", "--exact-k", "4"], ["--k", str(VOCAB + 1)],
+                ["--temperature", "0"], ["--vocab-size", str(VOCAB + 1)]):
+        assert cli.main(["dump", "--teacher", str(setup["teacher_dir"]), "--data",
+                         str(setup["root"] / "docs.jsonl"), "--out", str(setup["root"] / "bad"),
+                         "--no-progress", *bad]) == 2, bad
 
 
 def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
