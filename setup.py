@@ -22,8 +22,11 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80"],
-        "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7", "tqdm>=4.60"],
+        # trl and liger-kernel: the fused-linear peers that tests and benchmarks compare with.
+        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80", "trl>=1.16",
+                 "liger-kernel>=0.8"],
+        "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7", "tqdm>=4.60", "trl>=1.16",
+                  "liger-kernel>=0.8"],
         "examples": [
             "transformers>=4.40", "tokenizers>=0.15", "accelerate>=1.0", "matplotlib>=3.7",
             "tqdm>=4.60",

@@ -136,6 +136,39 @@ rc=${PIPESTATUS[0]}
 say "benchmark exit status $rc"
 [[ $rc -eq 0 ]] || status=1
 
+# --- 5. Long rows: each FASTKD_LONG_ROWS strategy, checked, timed, and the selection table -----
+lr_args=(--out "$OUTDIR/long_rows")
+[[ "$DRY_RUN" == 1 ]] && lr_args+=(--dry-run)
+say "long-row decision kit: python -m fastkd.bench.long_rows ${lr_args[*]}"
+(cd "$WORK" && timeout 180 "$PY" -m fastkd.bench.long_rows "${lr_args[@]}") 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+say "long-row decision kit exit status $rc"
+[[ $rc -eq 0 ]] || status=1
+
+# --- 6. Static counts of the kernels as this machine's Triton compiles them --------------------
+say "static report of the kernels this Triton builds"
+(cd "$WORK" && timeout 90 "$PY" -m fastkd.bench --static --json "$OUTDIR/static.json") \
+  >>"$LOG" 2>&1 || say "static report failed or timed out (see $LOG)"
+
+# --- 7. DRAM bytes per launch with Nsight Compute, where it runs -----------------------------
+if [[ "$DRY_RUN" != 1 ]] && command -v ncu >/dev/null; then
+  say "ncu probe"
+  if timeout 30 ncu --version >>"$LOG" 2>&1; then
+    for vocab in 32000 151936; do
+      (cd "$WORK" && timeout 60 ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,\
+lts__t_sector_hit_rate.pct -k regex:_kd_loss_fwd_kernel --launch-count 1 "$PY" -c "
+import torch, fastkd
+s = torch.randn(4096, $vocab, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+t = torch.randn(4096, $vocab, device='cuda', dtype=torch.bfloat16)
+y = torch.randint(0, $vocab, (4096,), device='cuda')
+fastkd.kd_loss(s, t, y, temperature=2.0)
+torch.cuda.synchronize()") >"$OUTDIR/ncu_$vocab.txt" 2>&1 || say "ncu failed for V=$vocab"
+    done
+  else
+    say "ncu does not run here (see $LOG)"
+  fi
+fi
+
 rm -rf "$WORK"
 say "done in ${SECONDS}s, status $status; results under $OUTDIR"
 exit $status

@@ -20,7 +20,7 @@ from ._autograd import (
     reduction_weight,
     refuse_function_transforms,
 )
-from ._spec import ONLINE_DIVERGENCES, LossSpec
+from ._spec import LossSpec
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,39 @@ def can_hold_its_gradient(student_2d: torch.Tensor, student_logits: torch.Tensor
     return True
 
 
+def rows_view(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(N, V) view of (..., V) logits, or a (B, L, V) view where flattening would copy.
+
+    Sliced batches such as ``logits[:, :-1]`` cannot be viewed as (N, V); the kernels read them
+    through their three strides instead, so the N x V logits are never copied.
+    """
+    try:
+        return logits.view(-1, vocab)
+    except RuntimeError:
+        if logits.dim() == 3:
+            return logits
+        return logits.reshape(-1, vocab)
+
+
 def _run_dense(plan: DensePlan, student_logits, teacher_logits, labels):
     spec, options = plan.spec, plan.spec.options
     vocab = spec.vocab_size
-    student_2d = student_logits.reshape(-1, vocab)
-    teacher_2d = teacher_logits.reshape(-1, vocab)
+    if plan.vocab_parallel:
+        student_2d = student_logits.reshape(-1, vocab)
+        teacher_2d = teacher_logits.reshape(-1, vocab)
+    else:
+        student_2d = rows_view(student_logits, vocab)
+        teacher_2d = rows_view(teacher_logits, vocab)
+        if student_2d.dim() != teacher_2d.dim():  # one sliced, one not: both as (B, L, V)
+            student_2d = student_2d.view(student_logits.shape) if student_2d.dim() == 2 \
+                else student_2d
+            teacher_2d = teacher_2d.view(teacher_logits.shape) if teacher_2d.dim() == 2 \
+                else teacher_2d
     labels_1d = labels.reshape(-1) if labels is not None else None
     device = student_logits.device
     weight = reduction_weight(labels_1d, options, spec.leading_shape, spec.normalizer, device,
                               _ops.loss_dtype(student_logits, teacher_logits))
-    inplace = (plan.inplace_backward and plan.student_grad
+    inplace = (plan.inplace_backward and plan.student_grad and student_2d.dim() == 2
                and can_hold_its_gradient(student_2d, student_logits))
     grad_student_out = student_2d if inplace else None
     if plan.vocab_parallel:
@@ -103,16 +126,13 @@ def _vocab_parallel_rows(plan: DensePlan, student, teacher, labels, weight, grad
     """The shard steps with the group's collectives in between (O(N) floats each)."""
     from .distributed import all_gather_rows
 
-    options = plan.spec.options
-    backend = _vocab_parallel_backend(student.device)
-    stats = backend.shard_stats(student, teacher, labels, vocab_start=plan.vocab_start,
-                                options=options)
-    state = _torch_backend.combine_stats(all_gather_rows(stats, plan.group), options)
-    sums = None
-    if options.divergence_id not in ONLINE_DIVERGENCES:
-        sums = backend.shard_divergence_sums(state, student, teacher, options)
+    def gather_stats(stats):
+        return all_gather_rows(stats, plan.group).flatten(0, 1)
+
+    def reduce_sums(sums):
         torch.distributed.all_reduce(sums, group=plan.group)
-    row_stats, a_sum, b_sum = _torch_backend.row_statistics(state, sums, labels, options)
+        return sums
+
     grad_student = grad_teacher = None
     if plan.student_grad:
         grad_student = grad_student_out
@@ -120,10 +140,10 @@ def _vocab_parallel_rows(plan: DensePlan, student, teacher, labels, weight, grad
             grad_student = torch.empty_like(student, memory_format=torch.contiguous_format)
     if plan.teacher_grad:
         grad_teacher = torch.empty_like(teacher, memory_format=torch.contiguous_format)
-    if grad_student is not None or grad_teacher is not None:
-        backend.shard_grads(state, a_sum, b_sum, student, teacher, labels, weight, options,
-                            vocab_start=plan.vocab_start, grad_student=grad_student,
-                            grad_teacher=grad_teacher)
+    row_stats = _torch_backend.run_shard_steps(
+        _vocab_parallel_backend(student.device), student, teacher, labels, weight,
+        plan.spec.options, vocab_start=plan.vocab_start, gather_stats=gather_stats,
+        reduce_sums=reduce_sums, grad_student=grad_student, grad_teacher=grad_teacher)
     return row_stats, grad_student, grad_teacher
 
 

@@ -76,7 +76,8 @@ def kd_rows(
     z_loss: float,
     ignore_index: int,
 ) -> None:
-    """(N, V) logits -> row_stats (N, 4) and w * dloss/dlogits, written into the outputs.
+    """(N, V) or (B, L, V) logits -> row_stats (N, 4) and w * dloss/dlogits (N, V), written
+    into the outputs.
 
     row_stats columns: loss, divergence, ce, lse^2 (fastkd._spec.ROW_*). A gradient output that
     is None is not computed. grad_student may be student_logits itself (in place).
@@ -103,16 +104,17 @@ def kd_rows_into(student_2d, teacher_2d, labels_1d, weight, options: LossOptions
     Gradients have their logits' dtype (or are grad_student_out, when given); a gradient not
     asked for is None.
     """
-    n_rows = student_2d.shape[0]
+    vocab = student_2d.shape[-1]
+    n_rows = student_2d.numel() // vocab if vocab else 0
     row_stats = student_2d.new_empty((n_rows, NUM_ROW_STATS),
                                      dtype=loss_dtype(student_2d, teacher_2d))
     grad_student = grad_teacher = None
     if student_grad:
         grad_student = grad_student_out
         if grad_student is None:
-            grad_student = torch.empty_like(student_2d, memory_format=torch.contiguous_format)
+            grad_student = student_2d.new_empty((n_rows, vocab))
     if teacher_grad:
-        grad_teacher = torch.empty_like(teacher_2d, memory_format=torch.contiguous_format)
+        grad_teacher = teacher_2d.new_empty((n_rows, vocab))
     if n_rows > 0:
         kd_rows(student_2d, teacher_2d, labels_1d, weight, row_stats, grad_student, grad_teacher,
                 options.divergence, options.temperature, options.alpha, options.beta,

@@ -364,12 +364,50 @@ def shard_grads(state: RowState, a_sum, b_sum, student, teacher, labels, weight,
             grad_teacher[rows] = g
 
 
+def run_shard_steps(backend, student, teacher, labels, weight, options: LossOptions, *,
+                    vocab_start: int, gather_stats, reduce_sums, grad_student=None,
+                    grad_teacher=None, **backend_options):
+    """Steps 1-4 above for one shard, with the exchanges supplied by the caller.
+
+    `backend` is this module or fastkd.kernels.kd_vocab_parallel; its statistics may come as
+    (N, NUM_STATS) or as (G, N, NUM_STATS) slabs of G slices. gather_stats((P, N, NUM_STATS))
+    returns every part of the row (all shards' slabs: an all-gather across a vocab-parallel
+    group, or nothing to add on one device); reduce_sums((N, 3)) adds the divergence sums across
+    shards. Returns the (N, NUM_ROW_STATS) row statistics and fills the gradients.
+    """
+    n_rows = student.shape[0]
+    stats = backend.shard_stats(student, teacher, labels, vocab_start=vocab_start,
+                                options=options, **backend_options)
+    state = combine_stats(gather_stats(stats.reshape(-1, n_rows, NUM_STATS)), options)
+    sums = None
+    if options.divergence_id not in ONLINE_DIVERGENCES:
+        sums = backend.shard_divergence_sums(state, student, teacher, options,
+                                             **backend_options)
+        sums = reduce_sums(sums.reshape(-1, n_rows, 3).sum(dim=0))
+    row_stats, a_sum, b_sum = row_statistics(state, sums, labels, options)
+    if grad_student is not None or grad_teacher is not None:
+        backend.shard_grads(state, a_sum, b_sum, student, teacher, labels, weight, options,
+                            vocab_start=vocab_start, grad_student=grad_student,
+                            grad_teacher=grad_teacher, **backend_options)
+    return row_stats
+
+
 def kd_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teacher,
             options: LossOptions) -> None:
     """The single-device loss: every step above with one shard, chunk by chunk.
 
-    Fills row_stats (N, NUM_ROW_STATS) and the gradients that are not None, in place.
+    Fills row_stats (N, NUM_ROW_STATS) and the gradients (N, V) that are not None, in place.
+    (B, L, V) logits go batch by batch, each an (L, V) view: nothing is copied to (N, V).
     """
+    if student.dim() == 3:
+        rows = student.shape[1]
+        for b in range(student.shape[0]):
+            flat = slice(b * rows, (b + 1) * rows)
+            kd_rows(student[b], teacher[b], labels[flat] if labels is not None else None,
+                    weight, row_stats[flat], grad_student[flat] if grad_student is not None
+                    else None, grad_teacher[flat] if grad_teacher is not None else None,
+                    options)
+        return
     n_rows, vocab = student.shape
     for rows in _row_chunks(n_rows, vocab):
         s, t = student[rows], teacher[rows]

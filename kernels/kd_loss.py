@@ -58,10 +58,13 @@ reuses the CE softmax. The (N, 4) row statistics (loss, D, CE, lse^2) cost 16 by
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from .. import _torch_backend
 from .._spec import LossOptions
 from .divergences import FORWARD_KL, REVERSE_KL, divergence_terms, online_row_sums
 
@@ -77,6 +80,13 @@ LOOP_NUM_WARPS = 8
 # Backward scaling is a pure stream: 4096-wide blocks over 4 warps (32 elements per thread).
 SCALE_BLOCK_V = 4096
 SCALE_NUM_WARPS = 4
+
+# Statistics slot of the long-row sweep: 8 contiguous elements of one thread (one 16-byte load
+# in bf16, two in fp32), reduced in registers; the running maxima rescale once per slot.
+SLOT = tl.constexpr(8)
+# Integer temperatures up to this one get the CE softmax's exponentials as powers of the
+# T-softmax's ones (exp(d) = exp(d / T)^T): one exp2 fewer per element and sweep.
+MAX_POWER_TEMPERATURE = 4
 
 # Kernels work in base 2 (exp2/log2 are the native SFU ops); these convert from and to base e.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -103,9 +113,108 @@ def _row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS: tl.cons
 
 
 @triton.jit
+def _power(x, T_POWER: tl.constexpr):
+    """x ** T for the integer temperatures 2, 3, 4: exp(d)^T = exp(T d) costs no exp2."""
+    if T_POWER == 2:
+        return x * x
+    elif T_POWER == 3:
+        return x * x * x
+    else:
+        x_2 = x * x
+        return x_2 * x_2
+
+
+@triton.jit
+def _slot_update(
+    s, t, mask, max_s, max_t, z_a, z_b, z_1, w_sum, sum_s, count, k_t,
+    DIVERGENCE: tl.constexpr, T_POWER: tl.constexpr, SMOOTHING: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Fold one [SLOTS, SLOT] tile into the per-slot running statistics ([SLOTS] each).
+
+    Each slot is one thread's contiguous SLOT elements, so the reductions over axis 1 stay in
+    registers: no shuffle or barrier inside the loop. A slot whose maximum rises moves its sums
+    to the new centre (the rescale is one exp2 per slot, 1/SLOT per element).
+    """
+    max_s_new = tl.maximum(max_s, tl.max(s, axis=1))
+    max_t_new = tl.maximum(max_t, tl.max(t, axis=1))
+    m_s = _safe_max(max_s_new)
+    m_t = _safe_max(max_t_new)
+    # From the raw old maxima: a slot that has seen only -inf rescales by exp2(-inf) = 0.
+    rescale_a = tl.exp2((max_s - m_s) * k_t)
+    rescale_t = tl.exp2((max_t - m_t) * k_t)
+    d_s = s - m_s[:, None]
+    d_t = t - m_t[:, None]
+    e_a = tl.exp2(d_s * k_t)
+    e_b = tl.exp2(d_t * k_t)
+    drift = (_safe_max(max_t) - m_t) - (_safe_max(max_s) - m_s)
+    if DIVERGENCE == FORWARD_KL:
+        w_sum = (w_sum + z_b * drift) * rescale_t
+        w_sum += tl.sum(tl.where(e_b == 0.0, 0.0, e_b * (d_t - d_s)), axis=1)
+    elif DIVERGENCE == REVERSE_KL:
+        w_sum = (w_sum - z_a * drift) * rescale_a
+        w_sum += tl.sum(tl.where(e_a == 0.0, 0.0, e_a * (d_s - d_t)), axis=1)
+    if T_POWER == 0:
+        z_1 = z_1 * tl.exp2((max_s - m_s) * LOG2E) + tl.sum(tl.exp2(d_s * LOG2E), axis=1)
+    elif T_POWER > 1:
+        z_1 = z_1 * _power(rescale_a, T_POWER) + tl.sum(_power(e_a, T_POWER), axis=1)
+    z_a = z_a * rescale_a + tl.sum(e_a, axis=1)
+    z_b = z_b * rescale_t + tl.sum(e_b, axis=1)
+    if SMOOTHING:
+        sum_s = sum_s + count * (_safe_max(max_s) - m_s)
+        if MASKED:
+            sum_s += tl.sum(tl.where(mask, d_s, 0.0), axis=1)
+            count += tl.sum(mask.to(tl.float32), axis=1)
+        else:
+            sum_s += tl.sum(d_s, axis=1)
+            count += s.shape[1]
+    return max_s_new, max_t_new, z_a, z_b, z_1, w_sum, sum_s, count
+
+
+@triton.jit
+def _combine_partials(
+    max_s, max_t, z_a, z_b, z_1, w_sum, sum_s, count, k_t,
+    DIVERGENCE: tl.constexpr, T_POWER: tl.constexpr,
+):
+    """The row's statistics from partial ones over disjoint parts of the row (vectors).
+
+    The same move as the vocab-parallel combination (fastkd._torch_backend.combine_stats): each
+    part's sums go from its own maxima to the row's, and every difference involved subtracts two
+    values of one tensor, so a common 1e4 offset of the logits costs no precision. Returns the
+    raw maxima and Z_a, Z_b, Z_1, W, sum(s - m_s) relative to the safe ones.
+    """
+    row_max_s = tl.max(max_s, axis=0)
+    row_max_t = tl.max(max_t, axis=0)
+    m_s = _safe_max(row_max_s)
+    m_t = _safe_max(row_max_t)
+    scale_a = tl.exp2((max_s - m_s) * k_t)
+    scale_b = tl.exp2((max_t - m_t) * k_t)
+    shift_s = _safe_max(max_s) - m_s
+    shift_t = _safe_max(max_t) - m_t
+    if DIVERGENCE == FORWARD_KL:
+        moved = scale_b * (w_sum + (shift_t - shift_s) * z_b)
+        w_row = tl.sum(tl.where(scale_b * z_b == 0.0, 0.0, moved), axis=0)
+    elif DIVERGENCE == REVERSE_KL:
+        moved = scale_a * (w_sum + (shift_s - shift_t) * z_a)
+        w_row = tl.sum(tl.where(scale_a * z_a == 0.0, 0.0, moved), axis=0)
+    else:
+        w_row = tl.zeros((), tl.float32)
+    if T_POWER == 0:
+        z_1_row = tl.sum(tl.exp2((max_s - m_s) * LOG2E) * z_1, axis=0)
+    elif T_POWER == 1:
+        z_1_row = tl.sum(scale_a * z_a, axis=0)
+    else:
+        z_1_row = tl.sum(_power(scale_a, T_POWER) * z_1, axis=0)
+    z_a_row = tl.sum(scale_a * z_a, axis=0)
+    z_b_row = tl.sum(scale_b * z_b, axis=0)
+    sum_s_row = tl.sum(sum_s + count * shift_s, axis=0)
+    return row_max_s, row_max_t, z_a_row, z_b_row, z_1_row, w_row, sum_s_row
+
+
+@triton.jit
 def _row_stats_sweep(
     s_row, student_col_stride, t_row, teacher_col_stride, V, k_t,
-    DIVERGENCE: tl.constexpr, T_IS_ONE: tl.constexpr, SMOOTHING: tl.constexpr,
+    DIVERGENCE: tl.constexpr, T_POWER: tl.constexpr, SMOOTHING: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """One streaming sweep over a row (or a vocabulary shard of it): the online statistics.
@@ -113,55 +222,40 @@ def _row_stats_sweep(
     Returns the raw maxima max_s, max_t (-inf while every logit seen is -inf), Z_a, Z_b, Z_1
     relative to their safe versions, W centred on them (forward KL: weighted by the teacher;
     reverse KL: by the student; 0 otherwise) and the centred logit sum sum(s - m_s) (label
-    smoothing only). When a block raises the maxima, W and the sum move to the new centre
-    exactly (see the comment at the top of this file).
+    smoothing only). Statistics run per slot of SLOT elements and combine once at the end; full
+    blocks load without a mask, the tail block with one.
     """
-    cols = tl.arange(0, BLOCK_V)
+    SLOTS: tl.constexpr = BLOCK_V // SLOT
+    tile = tl.arange(0, SLOTS)[:, None] * SLOT + tl.arange(0, SLOT)[None, :]
     neg_inf = float("-inf")
-    max_s = tl.full((), neg_inf, tl.float32)
-    max_t = tl.full((), neg_inf, tl.float32)
-    z_a = tl.zeros((), tl.float32)
-    z_b = tl.zeros((), tl.float32)
-    z_1 = tl.zeros((), tl.float32)
-    w_sum = tl.zeros((), tl.float32)
-    sum_s = tl.zeros((), tl.float32)
-    m_s_prev = tl.zeros((), tl.float32)
-    m_t_prev = tl.zeros((), tl.float32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
+    max_s = tl.full((SLOTS,), neg_inf, tl.float32)
+    max_t = tl.full((SLOTS,), neg_inf, tl.float32)
+    z_a = tl.zeros((SLOTS,), tl.float32)
+    z_b = tl.zeros((SLOTS,), tl.float32)
+    z_1 = tl.zeros((SLOTS,), tl.float32)
+    w_sum = tl.zeros((SLOTS,), tl.float32)
+    sum_s = tl.zeros((SLOTS,), tl.float32)
+    count = tl.zeros((SLOTS,), tl.float32)
+    full_end = (V // BLOCK_V) * BLOCK_V
+    for start in range(0, full_end, BLOCK_V):
+        offs = start + tile
+        s = tl.load(s_row + offs * student_col_stride).to(tl.float32)
+        t = tl.load(t_row + offs * teacher_col_stride).to(tl.float32)
+        max_s, max_t, z_a, z_b, z_1, w_sum, sum_s, count = _slot_update(
+            s, t, offs < V, max_s, max_t, z_a, z_b, z_1, w_sum, sum_s, count, k_t,
+            DIVERGENCE, T_POWER, SMOOTHING, False,
+        )
+    if full_end < V:
+        offs = full_end + tile
         mask = offs < V
         s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
         t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-        max_s_new = tl.maximum(max_s, tl.max(s, axis=0))
-        max_t_new = tl.maximum(max_t, tl.max(t, axis=0))
-        m_s = _safe_max(max_s_new)
-        m_t = _safe_max(max_t_new)
-        rescale_t = tl.exp2((max_t - m_t) * k_t)
-        rescale_a = tl.exp2((max_s - m_s) * k_t)
-        e_a = tl.exp2((s - m_s) * k_t)
-        e_b = tl.exp2((t - m_t) * k_t)
-        if DIVERGENCE == FORWARD_KL:
-            w_sum = (w_sum + z_b * ((m_t_prev - m_t) - (m_s_prev - m_s))) * rescale_t
-            w_sum += tl.sum(tl.where(e_b == 0.0, 0.0, e_b * ((t - m_t) - (s - m_s))), axis=0)
-        elif DIVERGENCE == REVERSE_KL:
-            w_sum = (w_sum + z_a * ((m_s_prev - m_s) - (m_t_prev - m_t))) * rescale_a
-            w_sum += tl.sum(tl.where(e_a == 0.0, 0.0, e_a * ((s - m_s) - (t - m_t))), axis=0)
-        z_a = z_a * rescale_a + tl.sum(e_a, axis=0)
-        z_b = z_b * rescale_t + tl.sum(e_b, axis=0)
-        if not T_IS_ONE:
-            z_1 = z_1 * tl.exp2((max_s - m_s) * LOG2E) + tl.sum(
-                tl.exp2((s - m_s) * LOG2E), axis=0
-            )
-        if SMOOTHING:
-            # `start` elements were centred on the previous maximum.
-            sum_s += start * (m_s_prev - m_s) + tl.sum(tl.where(mask, s - m_s, 0.0), axis=0)
-        m_s_prev = m_s
-        m_t_prev = m_t
-        max_s = max_s_new
-        max_t = max_t_new
-    if T_IS_ONE:
-        z_1 = z_a
-    return max_s, max_t, z_a, z_b, z_1, w_sum, sum_s
+        max_s, max_t, z_a, z_b, z_1, w_sum, sum_s, count = _slot_update(
+            s, t, mask, max_s, max_t, z_a, z_b, z_1, w_sum, sum_s, count, k_t,
+            DIVERGENCE, T_POWER, SMOOTHING, True,
+        )
+    return _combine_partials(max_s, max_t, z_a, z_b, z_1, w_sum, sum_s, count, k_t,
+                             DIVERGENCE, T_POWER)
 
 
 @triton.jit
@@ -201,21 +295,23 @@ def _divergence_sums_sweep(
 def _block_grads(
     s, t, p, q, p_1, a, b, cols, label, m_s, m_t, log2_za, log2_zb, divergence, a_sum, b_sum,
     inv_t, coef_div, coef_p1, coef_label, coef_uniform,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, SMOOTHING: tl.constexpr,
-    TEACHER_GRAD: tl.constexpr,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, ONEHOT: tl.constexpr,
+    SMOOTHING: tl.constexpr, TEACHER_GRAD: tl.constexpr,
 ):
     """w * dloss/ds and w * dloss/dt of one block from the row's final statistics.
 
     coef_div = w a T, coef_p1 = w ((1 - a) + 2 z lse), coef_label = w (1 - a)(1 - eps),
     coef_uniform = w (1 - a) eps / V; a and b are the divergence terms of the block (unused for
-    forward KL, whose gradient is the plain q - p).
+    forward KL, whose gradient is the plain q - p). ONEHOT subtracts coef_label at the label's
+    column here; without it the caller stores that one element itself.
     """
     if DIVERGENCE == FORWARD_KL:
         grad_s = coef_div * (q - p) + coef_p1 * p_1
     else:
         grad_s = coef_div * (a - tl.where(q == 0.0, 0.0, q * a_sum)) + coef_p1 * p_1
     if HAS_LABELS:
-        grad_s -= tl.where(cols == label, coef_label, 0.0)
+        if ONEHOT:
+            grad_s -= tl.where(cols == label, coef_label, 0.0)
         if SMOOTHING:
             grad_s -= coef_uniform
     if TEACHER_GRAD:
@@ -230,52 +326,132 @@ def _block_grads(
 
 
 @triton.jit
+def _grad_values(
+    s, t, offs, label, m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
+    k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+    DIVERGENCE: tl.constexpr, T_POWER: tl.constexpr, HAS_LABELS: tl.constexpr,
+    ONEHOT: tl.constexpr, SMOOTHING: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+):
+    """Gradients of a block (or one element) of logits from the row's statistics. For
+    T_POWER >= 2 coef_p1 already carries the CE softmax's scale (see _grad_sweep)."""
+    if DIVERGENCE == FORWARD_KL:
+        q = tl.exp2((s - m_s) * k_t - log2_za)
+        p = tl.exp2((t - m_t) * k_t - log2_zb)
+        a = q
+        b = p
+    else:
+        log_p, log_q, p, q = _log_probs(s, t, m_s, m_t, log2_za, log2_zb, k_t)
+        _, a, b = divergence_terms(log_p, log_q, p, q, lam, log_lam, log_1m_lam, DIVERGENCE)
+    if T_POWER == 1:
+        p_1 = q
+    elif T_POWER == 0:
+        p_1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
+    else:
+        p_1 = _power(q, T_POWER)
+    return _block_grads(
+        s, t, p, q, p_1, a, b, offs, label, m_s, m_t, log2_za, log2_zb, divergence, a_sum,
+        b_sum, inv_t, coef_div, coef_p1, coef_label, coef_uniform,
+        DIVERGENCE, HAS_LABELS, ONEHOT, SMOOTHING, TEACHER_GRAD,
+    )
+
+
+@triton.jit
+def _grad_block(
+    s_row, student_col_stride, t_row, teacher_col_stride,
+    gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, mask, label,
+    m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t, k_t,
+    lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+    DIVERGENCE: tl.constexpr, T_POWER: tl.constexpr, HAS_LABELS: tl.constexpr,
+    SMOOTHING: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Load one block, compute its gradients (without the one-hot term), store them."""
+    neg_inf = float("-inf")
+    if MASKED:
+        s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+        t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
+    else:
+        s = tl.load(s_row + offs * student_col_stride).to(tl.float32)
+        t = tl.load(t_row + offs * teacher_col_stride).to(tl.float32)
+    grad_s, grad_t = _grad_values(
+        s, t, offs, label, m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
+        k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+        DIVERGENCE, T_POWER, HAS_LABELS, False, SMOOTHING, TEACHER_GRAD,
+    )
+    if STUDENT_GRAD:
+        if MASKED:
+            tl.store(gs_row + offs * grad_s_col_stride, grad_s.to(gs_row.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(gs_row + offs * grad_s_col_stride, grad_s.to(gs_row.dtype.element_ty))
+    if TEACHER_GRAD:
+        if MASKED:
+            tl.store(gt_row + offs * grad_t_col_stride, grad_t.to(gt_row.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(gt_row + offs * grad_t_col_stride, grad_t.to(gt_row.dtype.element_ty))
+
+
+@triton.jit
 def _grad_sweep(
     s_row, student_col_stride, t_row, teacher_col_stride,
     gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V, label,
     m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
     lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
-    DIVERGENCE: tl.constexpr, T_IS_ONE: tl.constexpr, HAS_LABELS: tl.constexpr,
+    DIVERGENCE: tl.constexpr, T_POWER: tl.constexpr, HAS_LABELS: tl.constexpr,
     SMOOTHING: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """Last sweep over a row (or shard): gradients from the final statistics, stored.
 
-    Last block first: those bytes were read most recently by the previous sweep and are the
-    likeliest to still be in L2.
+    Last block first (the masked tail, then the full blocks unmasked, backwards): those bytes
+    were read most recently by the previous sweep and are the likeliest to still be in L2.
     """
     cols = tl.arange(0, BLOCK_V)
-    neg_inf = float("-inf")
     k_t = inv_t * LOG2E
-    num_blocks = tl.cdiv(V, BLOCK_V)
-    for k in range(0, num_blocks):
-        offs = (num_blocks - 1 - k) * BLOCK_V + cols
-        mask = offs < V
-        s = tl.load(s_row + offs * student_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-        t = tl.load(t_row + offs * teacher_col_stride, mask=mask, other=neg_inf).to(tl.float32)
-        if DIVERGENCE == FORWARD_KL:
-            q = tl.exp2((s - m_s) * k_t - log2_za)
-            p = tl.exp2((t - m_t) * k_t - log2_zb)
-            a = q
-            b = p
-        else:
-            log_p, log_q, p, q = _log_probs(s, t, m_s, m_t, log2_za, log2_zb, k_t)
-            _, a, b = divergence_terms(log_p, log_q, p, q, lam, log_lam, log_1m_lam, DIVERGENCE)
-        if T_IS_ONE:
-            p_1 = q
-        else:
-            p_1 = tl.exp2((s - m_s) * LOG2E - log2_z1)
-        grad_s, grad_t = _block_grads(
-            s, t, p, q, p_1, a, b, offs, label, m_s, m_t, log2_za, log2_zb, divergence, a_sum,
-            b_sum, inv_t, coef_div, coef_p1, coef_label, coef_uniform,
-            DIVERGENCE, HAS_LABELS, SMOOTHING, TEACHER_GRAD,
+    if T_POWER >= 2:
+        # p_s = exp(d) / Z_1 = (q Z_a)^T / Z_1 = q^T (Z_a^T / Z_1): the row constant goes into
+        # the coefficient, so a block spends no exp2 and no multiply on it.
+        coef_p1 = coef_p1 * tl.exp2(T_POWER * log2_za - log2_z1)
+    FIX_LABEL: tl.constexpr = HAS_LABELS and STUDENT_GRAD
+    if FIX_LABEL:
+        # The one-hot term: instead of a compare and select per element, the label's element is
+        # stored once more, with it, after the sweep. Its logits are read first: the sweep may
+        # write the gradient over them (in place).
+        label_in_range = (label >= 0) & (label < V)
+        s_label = tl.load(s_row + label * student_col_stride, mask=label_in_range,
+                          other=0.0).to(tl.float32)
+        t_label = tl.load(t_row + label * teacher_col_stride, mask=label_in_range,
+                          other=0.0).to(tl.float32)
+    full_blocks = V // BLOCK_V
+    if full_blocks * BLOCK_V < V:
+        offs = full_blocks * BLOCK_V + cols
+        _grad_block(
+            s_row, student_col_stride, t_row, teacher_col_stride,
+            gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, offs < V, label,
+            m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
+            k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+            DIVERGENCE, T_POWER, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD, True,
         )
-        if STUDENT_GRAD:
-            tl.store(gs_row + offs * grad_s_col_stride, grad_s.to(gs_row.dtype.element_ty),
-                     mask=mask)
-        if TEACHER_GRAD:
-            tl.store(gt_row + offs * grad_t_col_stride, grad_t.to(gt_row.dtype.element_ty),
-                     mask=mask)
+    for k in range(0, full_blocks):
+        offs = (full_blocks - 1 - k) * BLOCK_V + cols
+        _grad_block(
+            s_row, student_col_stride, t_row, teacher_col_stride,
+            gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, offs < V, label,
+            m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
+            k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
+            DIVERGENCE, T_POWER, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD, False,
+        )
+    if FIX_LABEL:
+        grad_label, _ = _grad_values(
+            s_label, t_label, label, label, m_s, m_t, log2_za, log2_zb, log2_z1, divergence,
+            a_sum, b_sum, inv_t, k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label,
+            coef_uniform, DIVERGENCE, T_POWER, HAS_LABELS, True, SMOOTHING, False,
+        )
+        # Orders this store after the sweep's store of the same element by another thread.
+        tl.debug_barrier()
+        tl.store(gs_row + label * grad_s_col_stride, grad_label.to(gs_row.dtype.element_ty),
+                 mask=label_in_range)
 
 
 @triton.jit
@@ -320,8 +496,11 @@ def _row_loss_terms(
 
 @triton.jit
 def _kd_loss_fwd_kernel(
-    student_ptr, student_row_stride, student_col_stride,  # (N, V) logits, any dtype/strides
-    teacher_ptr, teacher_row_stride, teacher_col_stride,  # (N, V) logits, any dtype/strides
+    # Logits as (B, L, V) with any strides and dtype (N = B L rows; 2-D inputs are B = 1): a
+    # sliced batch such as logits[:, :-1] is read in place, never copied to (N, V) first.
+    student_ptr, student_batch_stride, student_row_stride, student_col_stride,
+    teacher_ptr, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+    rows_per_batch,  # L
     labels_ptr, labels_stride,  # (N,) integer class ids; unused without HAS_LABELS
     weight_ptr,  # () reduction weight w: 1, 1/batch or 1/(counted rows)
     row_stats_ptr, row_stats_stride,  # (N, 4) fp32 out: loss, D, CE, lse^2; 0 for ignored rows
@@ -332,7 +511,9 @@ def _kd_loss_fwd_kernel(
     temperature, alpha, lam, label_smoothing, z_loss, ignore_index,
     DIVERGENCE: tl.constexpr,  # index into fastkd._spec.DIVERGENCES
     HAS_LABELS: tl.constexpr,
-    T_IS_ONE: tl.constexpr,  # temperature == 1: the CE softmax is the divergence's student one
+    # 1: T == 1, the CE softmax is the divergence's student one; 2-4: integer T, the CE
+    # exponentials are powers of the T ones; 0: any other T (one more exp2 per element).
+    T_POWER: tl.constexpr,
     SMOOTHING: tl.constexpr,  # label_smoothing > 0: one more row sum
     STUDENT_GRAD: tl.constexpr,
     TEACHER_GRAD: tl.constexpr,
@@ -340,8 +521,10 @@ def _kd_loss_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: N * V can exceed 2^31
-    s_row = student_ptr + row * student_row_stride
-    t_row = teacher_ptr + row * teacher_row_stride
+    batch = row // rows_per_batch
+    position = row - batch * rows_per_batch
+    s_row = student_ptr + batch * student_batch_stride + position * student_row_stride
+    t_row = teacher_ptr + batch * teacher_batch_stride + position * teacher_row_stride
     gs_row = grad_s_ptr + row * grad_s_row_stride
     gt_row = grad_t_ptr + row * grad_t_row_stride
     stats_row = row_stats_ptr + row * row_stats_stride
@@ -374,12 +557,16 @@ def _kd_loss_fwd_kernel(
             e_b = tl.exp2((t - m_t) * k_t)
             z_a = tl.sum(e_a, axis=0)
             z_b = tl.sum(e_b, axis=0)
-            if T_IS_ONE:
+            if T_POWER == 1:
                 e_1 = e_a
-            else:
+            elif T_POWER == 0:
                 e_1 = tl.exp2((s - m_s) * LOG2E)
+            else:
+                e_1 = _power(e_a, T_POWER)
             z_1 = tl.sum(e_1, axis=0)
-            sum_s = tl.sum(tl.where(mask, s - m_s, 0.0), axis=0)
+            sum_s = tl.zeros((), tl.float32)
+            if SMOOTHING:
+                sum_s = tl.sum(tl.where(mask, s - m_s, 0.0), axis=0)
             log2_za = tl.log2(z_a)
             log2_zb = tl.log2(z_b)
             q = e_a * (1.0 / z_a)
@@ -401,7 +588,7 @@ def _kd_loss_fwd_kernel(
             # Sweep 1: online max / sum-exp of the three softmaxes and of W, block by block.
             max_s, max_t, z_a, z_b, z_1, w_sum, sum_s = _row_stats_sweep(
                 s_row, student_col_stride, t_row, teacher_col_stride, V, k_t,
-                DIVERGENCE, T_IS_ONE, SMOOTHING, BLOCK_V,
+                DIVERGENCE, T_POWER, SMOOTHING, BLOCK_V,
             )
             m_s = _safe_max(max_s)
             m_t = _safe_max(max_t)
@@ -445,7 +632,7 @@ def _kd_loss_fwd_kernel(
                 grad_s, grad_t = _block_grads(
                     s, t, p, q, e_1 * (1.0 / z_1), a, b, cols, label, m_s, m_t, log2_za,
                     log2_zb, divergence, a_sum, b_sum, inv_t, coef_div, coef_p1, coef_label,
-                    coef_uniform, DIVERGENCE, HAS_LABELS, SMOOTHING, TEACHER_GRAD,
+                    coef_uniform, DIVERGENCE, HAS_LABELS, True, SMOOTHING, TEACHER_GRAD,
                 )
                 if STUDENT_GRAD:
                     tl.store(gs_row + cols * grad_s_col_stride,
@@ -459,7 +646,7 @@ def _kd_loss_fwd_kernel(
                     gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V, label,
                     m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
                     lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
-                    DIVERGENCE, T_IS_ONE, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD,
+                    DIVERGENCE, T_POWER, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD,
                     BLOCK_V,
                 )
     else:
@@ -501,23 +688,102 @@ def forward_config(vocab_size: int) -> dict:
     return {"ON_CHIP": False, "BLOCK_V": LOOP_BLOCK_V, "num_warps": LOOP_NUM_WARPS}
 
 
+def temperature_power(temperature: float) -> int:
+    """T_POWER of the kernels: T itself for integer T in [1, MAX_POWER_TEMPERATURE], else 0."""
+    if temperature == int(temperature) and 1 <= temperature <= MAX_POWER_TEMPERATURE:
+        return int(temperature)
+    return 0
+
+
 def kernel_flags(options: LossOptions, *, has_labels: bool) -> dict:
     """The compile-time flags of the forward kernel for these options."""
     return {
         "DIVERGENCE": options.divergence_id,
         "HAS_LABELS": has_labels,
-        "T_IS_ONE": options.temperature == 1.0,
+        "T_POWER": temperature_power(options.temperature),
         "SMOOTHING": has_labels and options.label_smoothing > 0.0,
     }
 
 
+def _batched_strides(logits: torch.Tensor):
+    """(batch, row, column) strides of (N, V) or (B, L, V) logits."""
+    if logits.dim() == 3:
+        return logits.stride(0), logits.stride(1), logits.stride(2)
+    return 0, logits.stride(0), logits.stride(1)
+
+
+LONG_ROW_STRATEGIES = ("auto", "loop", "two_launch", "split")
+# Columns per slice of the split-row strategies: the on-chip row size, so that a slice stays in
+# registers in `split` (and the slices of `two_launch` run the same number of blocks).
+SPLIT_SLICE_V = MAX_ON_CHIP_V
+# What `auto` selects per vocabulary for long rows, from a GPU run of benchmarks/gpu_check.sh
+# (benchmarks/results/); without a measured table it keeps the two-sweep loop.
+AUTO_LONG_ROWS: dict = {}
+
+
+def long_row_strategy(device: torch.device, vocab: int) -> str:
+    """The strategy for rows longer than MAX_ON_CHIP_V, from FASTKD_LONG_ROWS.
+
+    loop: the two-sweep kernel. two_launch: a statistics launch over (row, slice), the
+    combination, a gradient launch over (row, slice); runs everywhere. split: one cooperative
+    persistent launch that keeps each slice on chip (CUDA only). auto: the measured selection.
+    """
+    choice = os.environ.get("FASTKD_LONG_ROWS", "auto").strip().lower() or "auto"
+    if choice not in LONG_ROW_STRATEGIES:
+        raise ValueError(f"FASTKD_LONG_ROWS must be one of {LONG_ROW_STRATEGIES}, got {choice!r}")
+    if choice == "auto":
+        choice = AUTO_LONG_ROWS.get(vocab, "loop")
+    if choice == "split" and device.type != "cuda":
+        raise RuntimeError(
+            "FASTKD_LONG_ROWS=split needs CUDA tensors: its slices wait for each other, which "
+            "Triton's interpreter (one program after another) cannot run; use two_launch"
+        )
+    return choice
+
+
+def _two_launch_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teacher,
+                     options: LossOptions) -> None:
+    """Long rows as SPLIT_SLICE_V-column slices: the vocab-parallel shard steps on one device,
+    the slices standing in for the shards (the same kernels and the same combination)."""
+    from . import kd_vocab_parallel
+
+    if student.dim() == 3:
+        rows = student.shape[1]
+        for b in range(student.shape[0]):
+            flat = slice(b * rows, (b + 1) * rows)
+            _two_launch_rows(student[b], teacher[b], labels[flat] if labels is not None else None,
+                             weight, row_stats[flat],
+                             grad_student[flat] if grad_student is not None else None,
+                             grad_teacher[flat] if grad_teacher is not None else None, options)
+        return
+    row_stats.copy_(_torch_backend.run_shard_steps(
+        kd_vocab_parallel, student, teacher, labels, weight, options, vocab_start=0,
+        gather_stats=lambda stats: stats, reduce_sums=lambda sums: sums,
+        grad_student=grad_student, grad_teacher=grad_teacher, slice_cols=SPLIT_SLICE_V))
+
+
 def kd_rows(student_logits, teacher_logits, labels, weight, row_stats, grad_student,
             grad_teacher, options: LossOptions) -> None:
-    """Launch the fused forward on 2-D (N, V) logits, filling the caller's outputs.
+    """Launch the fused forward on (N, V) or (B, L, V) logits, filling the caller's outputs.
 
-    Arguments are assumed validated by fastkd._spec; see fastkd._ops.kd_rows for the contract.
+    Gradients are (N, V). Arguments are assumed validated by fastkd._spec; see
+    fastkd._ops.kd_rows for the contract.
     """
-    n_rows, vocab = student_logits.shape
+    vocab = student_logits.shape[-1]
+    n_rows = row_stats.shape[0]
+    if vocab > MAX_ON_CHIP_V:
+        strategy = long_row_strategy(student_logits.device, vocab)
+        if strategy == "two_launch":
+            _two_launch_rows(student_logits, teacher_logits, labels, weight, row_stats,
+                             grad_student, grad_teacher, options)
+            return
+        if strategy == "split":
+            from .kd_split import split_rows
+
+            split_rows(student_logits, teacher_logits, labels, weight, row_stats, grad_student,
+                       grad_teacher, options)
+            return
+    rows_per_batch = student_logits.shape[1] if student_logits.dim() == 3 else n_rows
     if n_rows == 0:
         return
     # Pointers that a constexpr flag leaves unused still need a tensor to point at.
@@ -526,8 +792,9 @@ def kd_rows(student_logits, teacher_logits, labels, weight, row_stats, grad_stud
     lab = labels if labels is not None else row_stats
     config = forward_config(vocab)
     _kd_loss_fwd_kernel[(n_rows,)](
-        student_logits, student_logits.stride(0), student_logits.stride(1),
-        teacher_logits, teacher_logits.stride(0), teacher_logits.stride(1),
+        student_logits, *_batched_strides(student_logits),
+        teacher_logits, *_batched_strides(teacher_logits),
+        rows_per_batch,
         lab, lab.stride(0) if labels is not None else 0,
         weight,
         row_stats, row_stats.stride(0),

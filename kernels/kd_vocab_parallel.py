@@ -104,20 +104,25 @@ def _vp_stats_kernel(
     student_ptr, student_row_stride, student_col_stride,  # (N, V_local) student shard, any strides
     teacher_ptr, teacher_row_stride, teacher_col_stride,  # (N, V_local) teacher shard, any strides
     labels_ptr, labels_stride,  # (N,) global class ids; unused without HAS_LABELS
-    stats_ptr, stats_row_stride,  # (N, NUM_STATS) fp32 out, unit column stride
+    stats_ptr, stats_slice_stride, stats_row_stride,  # (G, N, NUM_STATS) fp32 out, unit columns
     V_local,  # columns in this shard, >= 1
     vocab_start,  # global id of the shard's first column
+    slice_cols,  # columns per slice: program (row, g) covers [g slice_cols, (g+1) slice_cols)
     temperature, ignore_index,
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
-    T_IS_ONE: tl.constexpr,
+    T_POWER: tl.constexpr,
     SMOOTHING: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: N * V_local can exceed 2^31
-    s_row = student_ptr + row * student_row_stride
-    t_row = teacher_ptr + row * teacher_row_stride
-    out = stats_ptr + row * stats_row_stride
+    part = tl.program_id(1)
+    first_col = part.to(tl.int64) * slice_cols
+    V_local = tl.minimum(V_local - first_col, slice_cols)  # this program's columns
+    vocab_start = vocab_start + first_col
+    s_row = student_ptr + row * student_row_stride + first_col * student_col_stride
+    t_row = teacher_ptr + row * teacher_row_stride + first_col * teacher_col_stride
+    out = stats_ptr + part * stats_slice_stride + row * stats_row_stride
     k_t = (1.0 / temperature) * LOG2E
 
     label, counted = _row_label(labels_ptr, labels_stride, row, ignore_index, HAS_LABELS)
@@ -126,7 +131,7 @@ def _vp_stats_kernel(
         # The same sweep as kd_loss.py's first one, over this shard only.
         max_s, max_t, z_a, z_b, z_1, w_local, sum_s = _row_stats_sweep(
             s_row, student_col_stride, t_row, teacher_col_stride, V_local, k_t,
-            DIVERGENCE, T_IS_ONE, SMOOTHING, BLOCK_V,
+            DIVERGENCE, T_POWER, SMOOTHING, BLOCK_V,
         )
         label_logit = tl.zeros((), tl.float32)
         hit = tl.zeros((), tl.float32)
@@ -160,28 +165,34 @@ def _vp_stats_kernel(
 @triton.jit
 def _vp_rows_kernel(
     state_ptr, state_row_stride,  # (N, NUM_ROW_STATE) fp32 combined row state, unit col stride
-    sums_ptr, sums_row_stride,  # (N, 3) fp32 out (SUMS only): D, A, B over this shard
+    sums_ptr, sums_slice_stride, sums_row_stride,  # (G, N, 3) fp32 out (SUMS only): D, A, B
     student_ptr, student_row_stride, student_col_stride,  # (N, V_local) student shard
     teacher_ptr, teacher_row_stride, teacher_col_stride,  # (N, V_local) teacher shard
     labels_ptr, labels_stride,  # (N,) global class ids; unused without HAS_LABELS
     grad_s_ptr, grad_s_row_stride, grad_s_col_stride,  # (N, V_local) out; may be the student
     grad_t_ptr, grad_t_row_stride, grad_t_col_stride,  # (N, V_local) out
     V_local, vocab_start,
+    slice_cols,  # columns per slice, as in _vp_stats_kernel
     temperature, lam, ignore_index,
     SUMS: tl.constexpr,  # kernel 2 (shard sums of D, A, B) rather than kernel 3 (gradients)
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
-    T_IS_ONE: tl.constexpr,
+    T_POWER: tl.constexpr,
     SMOOTHING: tl.constexpr,
     STUDENT_GRAD: tl.constexpr,
     TEACHER_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = student_ptr + row * student_row_stride
-    t_row = teacher_ptr + row * teacher_row_stride
-    gs_row = grad_s_ptr + row * grad_s_row_stride
-    gt_row = grad_t_ptr + row * grad_t_row_stride
+    part = tl.program_id(1)
+    first_col = part.to(tl.int64) * slice_cols
+    V_local = tl.minimum(V_local - first_col, slice_cols)
+    vocab_start = vocab_start + first_col
+    s_row = student_ptr + row * student_row_stride + first_col * student_col_stride
+    t_row = teacher_ptr + row * teacher_row_stride + first_col * teacher_col_stride
+    gs_row = grad_s_ptr + row * grad_s_row_stride + first_col * grad_s_col_stride
+    gt_row = grad_t_ptr + row * grad_t_row_stride + first_col * grad_t_col_stride
+    sums = sums_ptr + part * sums_slice_stride + row * sums_row_stride
     state = state_ptr + row * state_row_stride
     inv_t = 1.0 / temperature
     log_lam = tl.log(tl.maximum(lam, 1e-30))
@@ -199,9 +210,9 @@ def _vp_rows_kernel(
                 m_s, m_t, log2_za, log2_zb, inv_t * LOG2E, lam, log_lam, log_1m_lam,
                 DIVERGENCE, BLOCK_V,
             )
-            tl.store(sums_ptr + row * sums_row_stride, d_sum)
-            tl.store(sums_ptr + row * sums_row_stride + 1, a_sum)
-            tl.store(sums_ptr + row * sums_row_stride + 2, b_sum)
+            tl.store(sums, d_sum)
+            tl.store(sums + 1, a_sum)
+            tl.store(sums + 2, b_sum)
         else:
             _grad_sweep(
                 s_row, student_col_stride, t_row, teacher_col_stride,
@@ -211,12 +222,12 @@ def _vp_rows_kernel(
                 tl.load(state + 6), tl.load(state + 7), inv_t, lam, log_lam, log_1m_lam,
                 tl.load(state + 8), tl.load(state + 9), tl.load(state + 10),
                 tl.load(state + 11),
-                DIVERGENCE, T_IS_ONE, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD,
+                DIVERGENCE, T_POWER, HAS_LABELS, SMOOTHING, STUDENT_GRAD, TEACHER_GRAD,
                 BLOCK_V,
             )
     elif SUMS:
         for k in tl.static_range(3):
-            tl.store(sums_ptr + row * sums_row_stride + k, 0.0)
+            tl.store(sums + k, 0.0)
     else:
         _store_zero_grads(gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V_local,
                           STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
@@ -233,22 +244,31 @@ def sweep_config(vocab_local: int) -> dict:
     return {"BLOCK_V": block, "num_warps": num_warps}
 
 
-def shard_stats(student, teacher, labels, *, vocab_start: int, options: LossOptions):
-    """(N, NUM_STATS) fp32 statistics of this rank's (N, V_local) shard (layout in
-    fastkd._torch_backend). Arguments are assumed validated."""
+def _slices(vocab: int, slice_cols: int | None) -> tuple[int, int]:
+    """(columns per slice, number of slices G) of a shard; None: the shard is one slice."""
+    if slice_cols is None or slice_cols >= vocab:
+        return vocab, 1
+    return slice_cols, triton.cdiv(vocab, slice_cols)
+
+
+def shard_stats(student, teacher, labels, *, vocab_start: int, options: LossOptions,
+                slice_cols: int | None = None):
+    """(G, N, NUM_STATS) fp32 statistics of this rank's (N, V_local) shard, one slab per slice
+    of slice_cols columns (layout in fastkd._torch_backend). Arguments are assumed validated."""
     n_rows, vocab = student.shape
-    stats = torch.empty((n_rows, _torch_backend.NUM_STATS), dtype=torch.float32,
+    cols, parts = _slices(vocab, slice_cols)
+    stats = torch.empty((parts, n_rows, _torch_backend.NUM_STATS), dtype=torch.float32,
                         device=student.device)
     if n_rows == 0:
         return stats
     lab = labels if labels is not None else stats
-    config = sweep_config(vocab)
-    _vp_stats_kernel[(n_rows,)](
+    config = sweep_config(cols)
+    _vp_stats_kernel[(n_rows, parts)](
         student, student.stride(0), student.stride(1),
         teacher, teacher.stride(0), teacher.stride(1),
         lab, lab.stride(0) if labels is not None else 0,
-        stats, stats.stride(0),
-        vocab, int(vocab_start),
+        stats, stats.stride(0), stats.stride(1),
+        vocab, int(vocab_start), cols,
         float(options.temperature), int(options.ignore_index),
         **kernel_flags(options, has_labels=labels is not None),
         BLOCK_V=config["BLOCK_V"],
@@ -271,24 +291,25 @@ def _row_state(state, a_sum, b_sum, labels, weight, options: LossOptions) -> tor
 
 
 def _launch_rows(state_rows, sums, student, teacher, labels, grad_student, grad_teacher,
-                 options: LossOptions, vocab_start: int, *, want_sums: bool):
+                 options: LossOptions, vocab_start: int, slice_cols, *, want_sums: bool):
     n_rows, vocab = student.shape
     if n_rows == 0:
         return
+    cols, parts = _slices(vocab, slice_cols)
     lab = labels if labels is not None else state_rows
     gs = grad_student if grad_student is not None else state_rows
     gt = grad_teacher if grad_teacher is not None else state_rows
-    out = sums if sums is not None else state_rows
-    config = sweep_config(vocab)
-    _vp_rows_kernel[(n_rows,)](
+    out = sums if sums is not None else state_rows.view(1, *state_rows.shape)
+    config = sweep_config(cols)
+    _vp_rows_kernel[(n_rows, parts)](
         state_rows, state_rows.stride(0),
-        out, out.stride(0),
+        out, out.stride(0), out.stride(1),
         student, student.stride(0), student.stride(1),
         teacher, teacher.stride(0), teacher.stride(1),
         lab, lab.stride(0) if labels is not None else 0,
         gs, gs.stride(0), gs.stride(1),
         gt, gt.stride(0), gt.stride(1),
-        vocab, int(vocab_start),
+        vocab, int(vocab_start), cols,
         float(options.temperature), float(options.divergence_parameter),
         int(options.ignore_index),
         SUMS=want_sums,
@@ -301,19 +322,21 @@ def _launch_rows(state_rows, sums, student, teacher, labels, grad_student, grad_
 
 
 def shard_divergence_sums(state, student, teacher, options: LossOptions, *, labels=None,
-                          vocab_start: int = 0):
-    """(N, 3) fp32 shard sums of D, A, B (JSD, TVD, skew); ignored rows hold zeros."""
+                          vocab_start: int = 0, slice_cols: int | None = None):
+    """(G, N, 3) fp32 sums of D, A, B (JSD, TVD, skew) per slice; ignored rows hold zeros."""
     zero = torch.zeros_like(state.m_s)
     state_rows = _row_state(state, zero, zero, None, None, options)
-    sums = torch.empty((student.shape[0], 3), dtype=torch.float32, device=student.device)
+    _, parts = _slices(student.shape[1], slice_cols)
+    sums = torch.empty((parts, student.shape[0], 3), dtype=torch.float32, device=student.device)
     _launch_rows(state_rows, sums, student, teacher, labels, None, None, options, vocab_start,
-                 want_sums=True)
+                 slice_cols, want_sums=True)
     return sums
 
 
 def shard_grads(state, a_sum, b_sum, student, teacher, labels, weight, options: LossOptions, *,
-                vocab_start: int, grad_student=None, grad_teacher=None) -> None:
+                vocab_start: int, grad_student=None, grad_teacher=None,
+                slice_cols: int | None = None) -> None:
     """w * dloss/d(shard) into grad_student / grad_teacher (grad_student may be the shard)."""
     state_rows = _row_state(state, a_sum, b_sum, labels, weight, options)
     _launch_rows(state_rows, None, student, teacher, labels, grad_student, grad_teacher, options,
-                 vocab_start, want_sums=False)
+                 vocab_start, slice_cols, want_sums=False)

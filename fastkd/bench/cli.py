@@ -3,6 +3,7 @@
     fastkd-bench                      # GPU shapes on CUDA, CPU shapes otherwise
     fastkd-bench --shapes gpu-quick   # the reduced GPU set of benchmarks/gpu_check.sh
     fastkd-bench --static             # registers/spills/loads/stores of every shipped kernel
+    fastkd-bench --static --json PATH # the same report as one JSON document at PATH
 
 Results go to OUT_DIR/<device-slug>/: results.json, results.md, time_vs_V.png,
 bandwidth_vs_V.png (the static report to OUT_DIR/static/).
@@ -19,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import linear
 from .cases import (
     ALPHA,
     IGNORED_FRACTION,
@@ -102,6 +104,9 @@ def parse_args(argv):
                         choices=["sm_80", "sm_90a"])
     static.add_argument("--scope", choices=("full", "core"), default="full")
     static.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
+    static.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the report's entries (one per configuration) to PATH")
+    linear.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -122,7 +127,11 @@ def run_static(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import json
 
-    (out / "static_report.json").write_text(json.dumps(rows, indent=1))
+    document = static_report.document(rows)
+    (out / "static_report.json").write_text(json.dumps(document, indent=1))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=1))
     (out / "static_report.md").write_text(
         "# fastkd static kernel report\n\nCompiled ahead of time with triton "
         f"{_version('triton')}; counts from cuobjdump.\n\n{text}\n")
@@ -229,6 +238,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.static:
         return run_static(args)
+    if args.linear:
+        return linear.run_from_cli(args)
     return run_benchmark(args)
 
 

@@ -1,143 +1,453 @@
 """Static report of the shipped Triton kernels, compiled ahead of time (no GPU needed).
 
-Each configuration is compiled with triton.compile for a GPUTarget, with the same specialization
-a real launch gets: the arguments are built as the launcher builds them (CPU tensors stand in for
-the device buffers; their data pointers are 16-byte aligned like CUDA allocations), and Triton's
-own binder turns them into the signature, the constexprs (unit strides) and the divisibility-by-16
-attributes. The cubin is then read with the cuobjdump that ships in the triton wheel: registers,
-stack (spill) bytes, local and shared memory from its resource usage, and the global loads (LDG),
-global stores (STG), local spill loads/stores (LDL/STL) and exponentials (MUFU.EX2) in its SASS.
+What is compiled. `KERNELS` is the one table of launch configurations: per kernel, the shipped
+launcher to call and the axes it specializes on (dtype, row length class, labels, which
+gradients, T == 1, ...). Every point of an entry's axes is one configuration. For each, the
+launcher itself runs on stand-in CPU tensors (data pointers 16-byte aligned like CUDA
+allocations, row counts and row lengths multiples of 16 like real token batches and
+vocabularies) while `JITFunction.run` is intercepted: the launch it would make (arguments,
+constexprs, warps) is captured, not executed, and compiled with `triton.compile` for a
+`GPUTarget` (sm_80, sm_90a) with the specialization Triton's binder gives those arguments. No
+argument list is copied here, so a new kernel, or a new constexpr of a launcher, is one table
+entry or one axis value.
+
+What is measured, with the cuobjdump from the triton wheel: registers, stack frame and local
+memory (spill_bytes) from the resource usage; from the SASS:
+
+- Loops are found by their backward branches: a `BRA` to a lower address closes a loop whose
+  body is [target, branch]. Element loops are the innermost loops that contain a global load
+  (LDG); the ignored-row loop that only stores zeros has none, nor does the trap `BRA` to
+  itself after the last `EXIT`.
+- long_rows kernels (rows streamed block by block): per-element counts are the element loop
+  bodies' instructions (NOPs excluded), MUFU.EX2, and LDG/STG bytes (from each instruction's
+  width: .128 = 16 bytes, .64 = 8, .U16 = 2, plain = 4), summed over the element loops (both
+  sweeps of a two-sweep kernel) and divided by the elements one thread handles per iteration,
+  BLOCK / (32 * num_warps). A long_rows kernel without an element loop would have zero
+  per-element counts.
+- On-chip kernels (the whole row in registers): the same counts along the longest path from the
+  kernel's entry to an exit (the branch graph with loops cut at their back edge and calls not
+  followed: what a counted row executes, its per-row prologue and epilogue included, the
+  ignored-row branch not), divided by the elements per thread, BLOCK / (32 * num_warps).
+- ctas_per_sm: the smallest of the register limit (registers per thread rounded up to a
+  256-register allocation per warp, warps per SM rounded down to a multiple of 4), the shared
+  memory limit (static + dynamic shared memory plus the 1 KB the driver reserves per CTA,
+  against 228 KB on sm_90a and 164 KB on sm_80), 64 warps and 32 CTAs per SM.
 
 Triton must not be in interpreter mode here (TRITON_INTERPRET=1 swaps the kernels for Python
-functions); `collect` re-runs itself in a clean subprocess when it is.
+functions); `collect` re-runs itself in a clean subprocess when it is. Compiles are cached by
+Triton's own cache (TRITON_CACHE_DIR), the measurements of each cubin beside it
+(fastkd-static/, keyed by the kernel's hash, the analysis parameters and this module's source),
+so a second report neither compiles nor disassembles again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fastkd._spec import DIVERGENCES, ONLINE_DIVERGENCES
+
 ARCHS = {"sm_80": 80, "sm_90a": 90}
+# Per-SM limits of the occupancy computation (CUDA occupancy calculator, compute capability 8.0
+# and 9.0): 64K registers allocated per warp in units of 256, warps in groups of 4, shared memory
+# in 128-byte units plus 1 KB reserved per CTA.
+SM_LIMITS = {
+    "sm_80": {"registers": 65536, "shared_bytes": 164 * 1024, "warps": 64, "ctas": 32},
+    "sm_90a": {"registers": 65536, "shared_bytes": 228 * 1024, "warps": 64, "ctas": 32},
+}
+REGISTER_UNIT = 256
+WARP_GRANULARITY = 4
+SHARED_UNIT = 128
+SHARED_RESERVED_PER_CTA = 1024
+
 # Rows in the stand-in launch: a multiple of 16, like real token batches, so that strides which
 # equal N (the unused gradient placeholder) specialize as they would in training.
 STAND_IN_ROWS = 16
-# A representative vocabulary for each forward_config class, all divisible by 16 (as 32000,
-# 128256, 151936 and 262144 are): the on-chip blocks of 4096/8192 classes, a row just past the
-# on-chip limit, and an LLM vocabulary, both on the two-sweep loop.
-CLASS_VOCABS = {"on-chip 4096": 4000, "on-chip 8192": 8000, "loop 16000": 16000,
-                "loop": 32000}
-CORE_FULL_CLASS = "on-chip 8192"
-CORE_TRAINING_CLASSES = ("loop",)
-GRAD_COMBOS = ((True, False), (False, False), (True, True), (False, True))  # (student, teacher)
+# Shards in the stand-in vocab-parallel launch (a common tensor-parallel degree).
+STAND_IN_WORLD_SIZE = 8
+# (student, teacher) gradients.
+GRADS = ((True, False), (False, False), (True, True), (False, True))
+GRAD_NAMES = {(True, False): "s-grad", (False, False): "no-grad", (True, True): "s+t-grad",
+              (False, True): "t-grad"}
+DTYPES = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
-class KernelConfig:
-    kernel: str  # "kd_fwd" or "scale_rows"
-    arch: str
-    dtype: str
-    vocab: int
+class Case:
+    """One point of a kernel's launch axes (what the launcher specializes on)."""
+
+    dtype: str = "bf16"
+    vocab: int = 32000  # row length (a shard's width for the vocab-parallel kernels)
     has_labels: bool = True
-    student_grad: bool = True
-    teacher_grad: bool = False
-    share_t1: bool = False  # temperature == 1
-    per_row_scale: bool = False  # scale_rows with reduction="none" (grad_output has N entries)
+    grads: tuple[bool, bool] = (True, False)  # (student, teacher)
+    temperature: float = 2.0
+    divergence: str = "forward_kl"
+    label_smoothing: float = 0.0
+    per_row_scale: bool = False  # scale_rows: grad_output with one value per row ("none")
+    tail: str = "renormalize"  # kd_topk: how the teacher's mass outside its top k is read
+    k: int = 64  # kd_topk: teacher entries per row
+
+    @property
+    def temperature_is_one(self) -> bool:
+        return self.temperature == 1.0
+
+    def options(self):
+        """The validated loss options of this case (ValueError: not a valid configuration)."""
+        from fastkd._spec import check_loss_options
+
+        return check_loss_options(
+            temperature=self.temperature, alpha=0.5 if self.has_labels else 1.0,
+            divergence=self.divergence, label_smoothing=self.label_smoothing,
+            has_labels=self.has_labels)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A table entry: how to launch one shipped kernel and which configurations it has."""
+
+    jit: str  # "module:attribute" of the JITFunction
+    launch: Callable[[Case], None]  # calls the shipped launcher on stand-in tensors
+    axes: dict  # Case field -> values; the configurations are their valid combinations
+    vocab_classes: dict  # row length class name -> stand-in row length
+    # Subsets of the axes' product, each the configurations that match any of its rules
+    # ({axis: allowed values}): the full report's and the fast test's.
+    full: tuple = ({},)
+    core: tuple = ()
+    long_rows: Callable[[dict], bool] = lambda constexprs: True  # from the captured constexprs
+    default: Callable[[str], bool] = lambda vocab_class: False  # auto's pick for LLM vocab
+    block: str = "BLOCK_V"  # constexpr: row elements one program handles per iteration
+
+
+# ----- the calls into the shipped launchers (the only code that knows their signatures) -----
+
+def _torch_dtype(name):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[name]
+
+
+def _stand_in_rows(case: Case):
+    """Student, teacher, labels, reduction weight and gradient buffers as a training call has
+    them."""
+    import torch
+
+    dtype = _torch_dtype(case.dtype)
+    student = torch.empty(STAND_IN_ROWS, case.vocab, dtype=dtype)
+    teacher = torch.empty(STAND_IN_ROWS, case.vocab, dtype=dtype)
+    labels = torch.zeros(STAND_IN_ROWS, dtype=torch.int64) if case.has_labels else None
+    weight = torch.ones((), dtype=torch.float32)
+    grad_student = torch.empty_like(student) if case.grads[0] else None
+    grad_teacher = torch.empty_like(teacher) if case.grads[1] else None
+    return student, teacher, labels, weight, grad_student, grad_teacher
+
+
+def _launch_kd_fwd(case: Case) -> None:
+    import torch
+
+    from fastkd._spec import NUM_ROW_STATS
+    from fastkd.kernels import kd_loss
+
+    student, teacher, labels, weight, grad_student, grad_teacher = _stand_in_rows(case)
+    row_stats = torch.empty(STAND_IN_ROWS, NUM_ROW_STATS, dtype=torch.float32)
+    kd_loss.kd_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teacher,
+                    case.options())
+
+
+def _launch_vp_stats(case: Case) -> None:
+    from fastkd.kernels import kd_vocab_parallel
+
+    student, teacher, labels, *_ = _stand_in_rows(case)
+    kd_vocab_parallel.shard_stats(student, teacher, labels, vocab_start=0,
+                                  options=case.options())
+
+
+def _stand_in_row_state(options):
+    """The combined row state of STAND_IN_WORLD_SIZE shards (values do not matter here)."""
+    import torch
+
+    from fastkd import _torch_backend
+
+    gathered = torch.zeros(STAND_IN_WORLD_SIZE, STAND_IN_ROWS, _torch_backend.NUM_STATS)
+    return _torch_backend.combine_stats(gathered, options)
+
+
+def _launch_vp_sums(case: Case) -> None:
+    from fastkd.kernels import kd_vocab_parallel
+
+    options = case.options()
+    student, teacher, labels, *_ = _stand_in_rows(case)
+    kd_vocab_parallel.shard_divergence_sums(_stand_in_row_state(options), student, teacher,
+                                            options, labels=labels)
+
+
+def _launch_vp_grads(case: Case) -> None:
+    import torch
+
+    from fastkd import _torch_backend
+    from fastkd.kernels import kd_vocab_parallel
+
+    options = case.options()
+    student, teacher, labels, weight, grad_student, grad_teacher = _stand_in_rows(case)
+    state = _stand_in_row_state(options)
+    sums = (None if options.divergence_id in ONLINE_DIVERGENCES
+            else torch.zeros(STAND_IN_ROWS, 3))
+    _, a_sum, b_sum = _torch_backend.row_statistics(state, sums, labels, options)
+    kd_vocab_parallel.shard_grads(state, a_sum, b_sum, student, teacher, labels, weight, options,
+                                  vocab_start=0, grad_student=grad_student,
+                                  grad_teacher=grad_teacher)
+
+
+def _launch_kd_topk(case: Case) -> None:
+    import torch
+
+    from fastkd._spec import NUM_ROW_STATS
+    from fastkd.kernels import kd_topk
+
+    student, _, labels, weight, grad_student, _ = _stand_in_rows(case)
+    ids = torch.zeros(STAND_IN_ROWS, case.k, dtype=torch.int64)
+    values = torch.zeros(STAND_IN_ROWS, case.k, dtype=student.dtype)
+    row_stats = torch.empty(STAND_IN_ROWS, NUM_ROW_STATS, dtype=torch.float32)
+    kd_topk.topk_rows(student, ids, values, None, labels, weight, row_stats, grad_student,
+                      tail=case.tail, options=case.options())
+
+
+def _launch_scale_rows(case: Case) -> None:
+    import torch
+
+    from fastkd.kernels import kd_loss
+
+    grad = torch.empty(STAND_IN_ROWS, case.vocab, dtype=_torch_dtype(case.dtype))
+    factor = torch.ones(STAND_IN_ROWS if case.per_row_scale else (), dtype=torch.float32)
+    kd_loss.scale_rows_(grad, factor)
+
+
+# ----- the table -----
+
+# The divergences that need the row sums sweep (kernel 2 of the vocab-parallel loss).
+_SWEEP_DIVERGENCES = tuple(name for i, name in enumerate(DIVERGENCES)
+                           if i not in ONLINE_DIVERGENCES)
+_FLAGS = {"has_labels": (True, False), "grads": GRADS, "temperature": (2.0, 1.0),
+          "divergence": DIVERGENCES, "label_smoothing": (0.0, 0.1)}
+# The training call: labels, student gradient, forward KL, no smoothing (T = 2 and T = 1).
+_TRAINING = {"has_labels": (True,), "grads": ((True, False),), "divergence": ("forward_kl",),
+             "label_smoothing": (0.0,)}
+# The fast test's training calls: bf16 at T = 2 and T = 1.
+_CORE_TRAINING = {**_TRAINING, "dtype": ("bf16",)}
+# Every divergence's training call at T = 2 on the kernel that LLM vocabularies take.
+_EVERY_DIVERGENCE = {"dtype": ("bf16",), "has_labels": (True,), "grads": ((True, False),),
+                     "temperature": (2.0,), "label_smoothing": (0.0,)}
+# The full report: forward KL's whole flag matrix, every divergence's training call (T = 2 and
+# T = 1), and label smoothing on forward KL's training call at T = 2.
+_FULL = ({"divergence": ("forward_kl",), "label_smoothing": (0.0,)},
+         {"has_labels": (True,), "grads": ((True, False),), "label_smoothing": (0.0,)},
+         {"has_labels": (True,), "grads": ((True, False),), "divergence": ("forward_kl",),
+          "temperature": (2.0,)})
+
+
+def _without_grads(rule: dict) -> dict:
+    return {axis: values for axis, values in rule.items() if axis != "grads"}
+
+
+KERNELS: dict[str, Kernel] = {
+    # The fused loss: on-chip classes (the whole row in registers: 4096 and 8192 blocks; smaller
+    # rows get smaller blocks with the same 16 values per thread) and the looping kernel that
+    # every LLM vocabulary takes (two sweeps, three for the divergences that need row sums).
+    "kd_fwd": Kernel(
+        jit="fastkd.kernels.kd_loss:_kd_loss_fwd_kernel",
+        launch=_launch_kd_fwd,
+        axes={"dtype": DTYPES, "vocab": ("on-chip 4096", "on-chip 8192", "LLM"), **_FLAGS},
+        vocab_classes={"on-chip 4096": 4000, "on-chip 8192": 8000, "LLM": 32000},
+        full=_FULL,
+        # The training calls; fp32's at T = 2 on the 8192 class and the loop; the other flag
+        # combinations that take the most registers in the 8192 class (the register-hungriest:
+        # the whole row in registers), at T = 2 with forward KL; every divergence's training
+        # call on the 8192 class and the loop.
+        core=(_CORE_TRAINING,
+              {**_TRAINING, "dtype": ("fp32",), "vocab": ("on-chip 8192", "LLM"),
+               "temperature": (2.0,)},
+              {"dtype": ("bf16",), "vocab": ("on-chip 8192",), "temperature": (2.0,),
+               "grads": ((True, False), (True, True)), "divergence": ("forward_kl",),
+               "label_smoothing": (0.0,)},
+              {**_EVERY_DIVERGENCE, "vocab": ("on-chip 8192", "LLM")}),
+        long_rows=lambda constexprs: not constexprs["ON_CHIP"],
+        default=lambda vocab_class: vocab_class == "LLM",
+    ),
+    # Vocab-parallel: statistics sweep over a shard (kernel 1); after the all-gather, for the
+    # divergences that need them, the shard's row sums (kernel 2); then the shard's gradient
+    # (kernel 3).
+    "vp_stats": Kernel(
+        jit="fastkd.kernels.kd_vocab_parallel:_vp_stats_kernel",
+        launch=_launch_vp_stats,
+        axes={"dtype": DTYPES, "vocab": ("shard",), "has_labels": (True, False),
+              "grads": ((False, False),), "temperature": (2.0, 1.0),
+              "divergence": DIVERGENCES, "label_smoothing": (0.0, 0.1)},
+        vocab_classes={"shard": 32000},
+        full=tuple(_without_grads(rule) for rule in _FULL),
+        core=(_without_grads(_CORE_TRAINING),),
+    ),
+    "vp_sums": Kernel(
+        jit="fastkd.kernels.kd_vocab_parallel:_vp_rows_kernel",
+        launch=_launch_vp_sums,
+        axes={"dtype": DTYPES, "vocab": ("shard",), "has_labels": (True, False),
+              "grads": ((False, False),), "temperature": (2.0, 1.0),
+              "divergence": _SWEEP_DIVERGENCES, "label_smoothing": (0.0,)},
+        vocab_classes={"shard": 32000},
+        full=({"has_labels": (True,)},),
+        core=({"dtype": ("bf16",), "has_labels": (True,), "temperature": (2.0,),
+               "divergence": ("jsd",)},),
+    ),
+    "vp_grads": Kernel(
+        jit="fastkd.kernels.kd_vocab_parallel:_vp_rows_kernel",
+        launch=_launch_vp_grads,
+        # Launched only when some gradient is wanted.
+        axes={"dtype": DTYPES, "vocab": ("shard",),
+              **{**_FLAGS, "grads": tuple(grads for grads in GRADS if any(grads))}},
+        vocab_classes={"shard": 32000},
+        full=_FULL,
+        core=(_CORE_TRAINING,),
+    ),
+    # Sparse top-k teachers: one read of the student row, k gathered entries, a dense gradient
+    # store with the k corrections; on-chip rows and the looping kernel of LLM vocabularies.
+    "kd_topk": Kernel(
+        jit="fastkd.kernels.kd_topk:_kd_topk_kernel",
+        launch=_launch_kd_topk,
+        axes={"dtype": DTYPES, "vocab": ("on-chip 8192", "LLM"), "has_labels": (True, False),
+              "grads": ((True, False), (False, False)), "temperature": (2.0, 1.0),
+              "tail": ("renormalize", "bucket")},
+        vocab_classes={"on-chip 8192": 8000, "LLM": 128256},
+        core=({"dtype": ("bf16",), "has_labels": (True,), "grads": ((True, False),)},),
+        long_rows=lambda constexprs: not constexprs["ON_CHIP"],
+        default=lambda vocab_class: vocab_class == "LLM",
+    ),
+    # Backward: the saved gradient times grad_output (skipped on the device when it is 1).
+    "scale_rows": Kernel(
+        jit="fastkd.kernels.kd_loss:_scale_rows_kernel",
+        launch=_launch_scale_rows,
+        axes={"dtype": DTYPES, "vocab": ("LLM",), "has_labels": (False,),
+              "grads": ((True, False),), "temperature": (1.0,), "per_row_scale": (False, True)},
+        vocab_classes={"LLM": 32000},
+        core=({"dtype": ("bf16",), "per_row_scale": (False,)},),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One compiled configuration: a table entry, a point of its axes and an architecture."""
+
+    kernel: str
+    arch: str
+    vocab_class: str
+    case: Case
 
     @property
     def name(self) -> str:
+        case, axes = self.case, KERNELS[self.kernel].axes
         if self.kernel == "scale_rows":
-            return f"scale_rows {self.dtype} {'per-row' if self.per_row_scale else 'scalar'}"
-        flags = [
-            "labels" if self.has_labels else "no-labels",
-            {(True, False): "s-grad", (False, False): "no-grad", (True, True): "s+t-grad",
-             (False, True): "t-grad"}[(self.student_grad, self.teacher_grad)],
-        ]
-        if self.share_t1:
-            flags.append("T=1")
-        return f"kd_fwd {self.dtype} V={self.vocab} {' '.join(flags)}"
+            return f"scale_rows {case.dtype} {'per-row' if case.per_row_scale else 'scalar'}"
+        parts = [self.kernel, case.dtype, self.vocab_class,
+                 "labels" if case.has_labels else "no-labels"]
+        if len(axes.get("grads", ())) > 1:
+            parts.append(GRAD_NAMES[case.grads])
+        parts.append("T=1" if case.temperature_is_one else f"T={case.temperature:g}")
+        if len(axes.get("divergence", ())) > 1:
+            parts.append(case.divergence)
+        if case.label_smoothing:
+            parts.append(f"smoothing={case.label_smoothing:g}")
+        if "tail" in axes:
+            parts.append(f"{case.tail} k={case.k}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"kernel": self.kernel, "arch": self.arch, "vocab_class": self.vocab_class,
+                "case": asdict(self.case)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        case = dict(data["case"])
+        case["grads"] = tuple(case["grads"])
+        return cls(data["kernel"], data["arch"], data["vocab_class"], Case(**case))
 
 
-def shipped_configs(archs=("sm_80", "sm_90a"), dtypes=("bf16", "fp32"),
-                    scope: str = "full") -> list[KernelConfig]:
-    """Every configuration the launchers can pick, per arch and dtype.
+def _axis_points(axes: dict):
+    names = list(axes)
+    for values in itertools.product(*(axes[name] for name in names)):
+        yield dict(zip(names, values, strict=True))
 
-    scope="full": each forward_config class x labels x gradient combination, T != 1, plus T == 1
-    for the common training call, and both scale kernels. scope="core", what the fast test
-    compiles: the full flag matrix of the on-chip 8192 class (the register-hungriest class, as it
-    keeps the whole row in registers; register allocation is not monotonic in the flags, so every
-    combination counts), the training calls (labels, student grad, with and without teacher grad)
-    of the loop, and the scalar scale kernel. The 4096 class has the 8192 class's 16 values per
-    thread.
-    """
+
+def shipped_configs(archs=("sm_80", "sm_90a"), dtypes=DTYPES, scope: str = "full",
+                    kernels=None) -> list[Config]:
+    """Every configuration of the table (scope="full") or the fast test's subset ("core")."""
     configs = []
-    for arch in archs:
-        for dtype in dtypes:
-            for class_name, vocab in CLASS_VOCABS.items():
-                if scope == "full" or class_name == CORE_FULL_CLASS:
-                    for has_labels in (True, False):
-                        for student_grad, teacher_grad in GRAD_COMBOS:
-                            configs.append(KernelConfig("kd_fwd", arch, dtype, vocab, has_labels,
-                                                        student_grad, teacher_grad))
-                    configs.append(KernelConfig("kd_fwd", arch, dtype, vocab, share_t1=True))
-                elif class_name in CORE_TRAINING_CLASSES:
-                    configs.append(KernelConfig("kd_fwd", arch, dtype, vocab))
-                    configs.append(KernelConfig("kd_fwd", arch, dtype, vocab, teacher_grad=True))
-            per_row_options = (False, True) if scope == "full" else (False,)
-            for per_row in per_row_options:
-                configs.append(KernelConfig("scale_rows", arch, dtype, 0, per_row_scale=per_row))
+    for name, entry in KERNELS.items():
+        if kernels is not None and name not in kernels:
+            continue
+        for arch in archs:
+            for point in _axis_points(entry.axes):
+                if point.get("dtype", "bf16") not in dtypes:
+                    continue
+                rules = entry.core if scope == "core" else entry.full
+                if not any(all(point[axis] in allowed for axis, allowed in rule.items())
+                           for rule in rules):
+                    continue
+                vocab_class = point.pop("vocab")
+                case = Case(vocab=entry.vocab_classes[vocab_class], **point)
+                try:
+                    case.options()
+                except ValueError:  # e.g. label smoothing without labels: not a launch
+                    continue
+                configs.append(Config(name, arch, vocab_class, case))
     return configs
 
 
-def _launch_arguments(config: KernelConfig):
-    """(kernel, positional args, keyword args) exactly as the launcher would pass them."""
-    import torch
+# ----- capture, compile, analyse -----
 
-    from fastkd.kernels import kd_loss as kernels
+@contextlib.contextmanager
+def _captured_launches():
+    """Within the block, `kernel[grid](...)` records (kernel, args, kwargs) instead of launching."""
+    from triton.runtime.jit import JITFunction
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype]
-    n_rows = STAND_IN_ROWS
-    if config.kernel == "scale_rows":
-        grad = torch.empty(n_rows, 4096, dtype=dtype)
-        factor = torch.ones(n_rows if config.per_row_scale else (), dtype=torch.float32)
-        flat = factor.reshape(-1)
-        args = (grad, grad.stride(0), grad.stride(1), flat,
-                flat.stride(0) if config.per_row_scale else 0, grad.shape[1])
-        kwargs = {"BLOCK_V": kernels.SCALE_BLOCK_V, "num_warps": kernels.SCALE_NUM_WARPS}
-        return kernels._scale_rows_kernel, args, kwargs
+    launches = []
+    original = JITFunction.run
 
-    vocab = config.vocab
-    student = torch.empty(n_rows, vocab, dtype=dtype)
-    teacher = torch.empty(n_rows, vocab, dtype=dtype)
-    row_losses = torch.empty(n_rows, dtype=torch.float32)
-    weight = torch.ones((), dtype=torch.float32)
-    labels = torch.zeros(n_rows, dtype=torch.int64) if config.has_labels else None
-    grad_s = torch.empty_like(student) if config.student_grad else None
-    grad_t = torch.empty_like(teacher) if config.teacher_grad else None
-    # Same placeholders as kd_forward for pointers that a constexpr flag leaves unused.
-    gs = grad_s if grad_s is not None else row_losses.view(1, -1)
-    gt = grad_t if grad_t is not None else row_losses.view(1, -1)
-    lab = labels if labels is not None else row_losses
-    temperature = 1.0 if config.share_t1 else 2.0
-    launch = kernels.forward_config(vocab)
-    args = (student, student.stride(0), student.stride(1),
-            teacher, teacher.stride(0), teacher.stride(1),
-            lab, lab.stride(0) if labels is not None else 0,
-            weight, row_losses,
-            gs, gs.stride(0), gs.stride(1),
-            gt, gt.stride(0), gt.stride(1),
-            vocab, temperature, 0.5, -100)
-    kwargs = {"HAS_LABELS": labels is not None, "SHARE_T1": config.share_t1,
-              "STUDENT_GRAD": config.student_grad, "TEACHER_GRAD": config.teacher_grad,
-              "ON_CHIP": launch["ON_CHIP"], "BLOCK_V": launch["BLOCK_V"],
-              "num_warps": launch["num_warps"]}
-    return kernels._kd_loss_fwd_kernel, args, kwargs
+    def capture(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = capture
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+def _resolve(path: str):
+    import importlib
+
+    module, attribute = path.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def capture_launch(config: Config):
+    """(JITFunction, args, kwargs) of the launch the shipped launcher makes for `config`."""
+    entry = KERNELS[config.kernel]
+    target = _resolve(entry.jit)
+    with _captured_launches() as launches:
+        entry.launch(config.case)
+    matching = [launch for launch in launches if launch[0] is target]
+    if len(matching) != 1:
+        names = [launch[0].__name__ for launch in launches]
+        raise RuntimeError(f"{config.kernel}: expected one launch of {entry.jit}, got {names}")
+    return matching[0]
 
 
 def cuobjdump_path() -> Path | None:
@@ -148,118 +458,291 @@ def cuobjdump_path() -> Path | None:
 
 
 _RESOURCE_RE = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
+_SASS_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def analyse_cubin(cubin: bytes, tool: Path) -> dict:
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    predicated: bool
+    opcode: str  # with its modifiers, e.g. LDG.E.128
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+    @property
+    def branch_target(self) -> int | None:
+        if self.base != "BRA" or not self.operands:
+            return None
+        return int(self.operands.split()[0].rstrip(","), 16)
+
+
+def parse_sass(sass: str) -> list[Instruction]:
+    """Every instruction of a cuobjdump SASS listing, in address order."""
+    return [Instruction(int(m.group(1), 16), m.group(2) is not None, m.group(3),
+                        m.group(4).strip()) for m in _SASS_RE.finditer(sass)]
+
+
+def find_loops(instructions) -> list[tuple[int, int]]:
+    """(first, last) addresses of every loop body: a branch back to a lower address."""
+    return [(ins.branch_target, ins.address) for ins in instructions
+            if ins.branch_target is not None and ins.branch_target < ins.address]
+
+
+def element_loops(instructions) -> list[tuple[int, int]]:
+    """The innermost loops that read global memory: the sweeps over a row's elements."""
+    loops = find_loops(instructions)
+    innermost = [loop for loop in loops
+                 if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1]
+                            for other in loops)]
+    return [(first, last) for first, last in innermost
+            if any(ins.base == "LDG" for ins in instructions if first <= ins.address <= last)]
+
+
+def longest_path(instructions) -> list[Instruction]:
+    """The instructions of the longest path from the entry to an exit, loops cut at their back
+    edge and calls not followed: what one row executes on the kernel's most expensive branch."""
+    index = {ins.address: i for i, ins in enumerate(instructions)}
+    leaders = {0}
+    for i, ins in enumerate(instructions):
+        if ins.base in ("BRA", "EXIT", "RET"):
+            leaders.add(i + 1)
+            if ins.branch_target in index:
+                leaders.add(index[ins.branch_target])
+    starts = sorted(leader for leader in leaders if leader < len(instructions))
+    blocks = [instructions[a:b] for a, b in zip(starts, starts[1:] + [len(instructions)],
+                                                strict=True)]
+    block_of = {block[0].address: k for k, block in enumerate(blocks)}
+
+    def successors(k):
+        last = blocks[k][-1]
+        out = []
+        target = last.branch_target
+        if target is not None and target > last.address and target in block_of:
+            out.append(block_of[target])
+        falls_through = last.predicated or last.base not in ("BRA", "EXIT", "RET")
+        if falls_through and k + 1 < len(blocks):
+            out.append(k + 1)
+        return out
+
+    # Forward edges only, so block order is a topological order: relax from the last block.
+    best: list[tuple[int, list[int]]] = [(0, [])] * len(blocks)
+    for k in range(len(blocks) - 1, -1, -1):
+        weight = sum(1 for ins in blocks[k] if ins.opcode != "NOP")
+        tails = [best[j] for j in successors(k)]
+        tail = max(tails, key=lambda t: t[0]) if tails else (0, [])
+        best[k] = (weight + tail[0], [k, *tail[1]])
+    return [ins for k in best[0][1] for ins in blocks[k]]
+
+
+def _access_bytes(opcode: str) -> int:
+    modifiers = set(opcode.split(".")[1:])
+    for width, size in (("256", 32), ("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1),
+                        ("S8", 1)):
+        if width in modifiers:
+            return size
+    return 4
+
+
+def per_element(instructions, elements_per_thread: float, long_rows: bool) -> dict:
+    """Per-element instructions, EX2 and global bytes (method in the module docstring)."""
+    if long_rows:
+        loops = element_loops(instructions)
+        body = [ins for ins in instructions if any(a <= ins.address <= b for a, b in loops)]
+    else:
+        loops = []
+        body = longest_path(instructions)
+
+    def per(count):
+        return round(count / elements_per_thread, 3)
+
+    return {
+        "element_loops": len(loops),
+        "instructions_per_element": per(sum(1 for ins in body if ins.opcode != "NOP")),
+        "ex2_per_element": per(sum(1 for ins in body if ins.opcode == "MUFU.EX2")),
+        "ldg_bytes_per_element": per(sum(_access_bytes(ins.opcode) for ins in body
+                                         if ins.base == "LDG")),
+        "stg_bytes_per_element": per(sum(_access_bytes(ins.opcode) for ins in body
+                                         if ins.base == "STG")),
+    }
+
+
+def ctas_per_sm(arch: str, registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Resident CTAs per SM from registers, shared memory and warps (see the module docstring)."""
+    limits = SM_LIMITS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    warps_by_regs = limits["registers"] // regs_per_warp // WARP_GRANULARITY * WARP_GRANULARITY
+    by_regs = warps_by_regs // num_warps
+    shared = -(-shared_bytes // SHARED_UNIT) * SHARED_UNIT + SHARED_RESERVED_PER_CTA
+    by_shared = limits["shared_bytes"] // shared
+    by_warps = limits["warps"] // num_warps
+    return min(by_regs, by_shared, by_warps, limits["ctas"])
+
+
+def _dump(tool: Path, cubin: bytes) -> str:
+    """cuobjdump's resource usage and SASS of a cubin, in one listing."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
         handle.write(cubin)
         cubin_path = handle.name
     try:
-        usage = subprocess.run([str(tool), "--dump-resource-usage", cubin_path],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([str(tool), "-sass", cubin_path],
+        return subprocess.run([str(tool), "--dump-resource-usage", "--dump-sass", cubin_path],
                               capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(cubin_path)
-    resources = {key.lower(): int(value) for key, value in _RESOURCE_RE.findall(usage)}
-    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
-
-    def count(prefix: str) -> int:
-        return sum(1 for op in opcodes if op == prefix or op.startswith(prefix + "."))
-
-    return {
-        "registers": resources.get("reg"),
-        "stack_bytes": resources.get("stack"),
-        "local_bytes": resources.get("local"),
-        "shared_bytes_static": resources.get("shared"),
-        "ldg": count("LDG"),
-        "stg": count("STG"),
-        "ldl": count("LDL"),
-        "stl": count("STL"),
-        "mufu_ex2": count("MUFU.EX2"),
-        "sass_instructions": len(opcodes),
-    }
 
 
-def compile_config(config: KernelConfig) -> dict:
-    """Compile one configuration and measure its cubin; never raises (errors are reported)."""
+def compile_launch(kernel, args, kwargs, arch: str):
+    """triton.compile of a captured launch for `arch`, specialized as a real launch would be."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    row = {"config": config.name, **asdict(config)}
+    target = GPUTarget("cuda", ARCHS[arch], 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    named_constexprs = {kernel.arg_names[key[0]]: value for key, value in constexprs.items()
+                        if len(key) == 1 and isinstance(value, (bool, int, float, str))}
+    return compiled, named_constexprs
+
+
+def _analysis_cache(compiled, *parameters) -> Path:
+    """Where the measurements of one cubin are kept: next to Triton's cache, keyed by the
+    compiled kernel's hash, the analysis parameters and this module's source."""
+    import hashlib
+
+    import triton
+
+    text = json.dumps([compiled.metadata.hash, *parameters]).encode()
+    key = hashlib.sha256(text + Path(__file__).read_bytes()).hexdigest()
+    return Path(triton.knobs.cache.dir) / "fastkd-static" / f"{key}.json"
+
+
+def _analyse(compiled, arch: str, num_warps: int, elements_per_thread: float,
+             long_rows: bool) -> dict:
+    tool = cuobjdump_path()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found in the triton wheel")
+    listing = _dump(tool, compiled.asm["cubin"])
+    resources = {k.lower(): int(v) for k, v in _RESOURCE_RE.findall(listing)}
+    instructions = parse_sass(listing)
+    ops = [ins.base for ins in instructions]
+    registers = resources.get("reg", 0)
+    shared = resources.get("shared", 0) + compiled.metadata.shared
+    return {
+        "registers": registers,
+        "spill_bytes": resources.get("stack", 0) + resources.get("local", 0),
+        "local_loads": ops.count("LDL"),
+        "local_stores": ops.count("STL"),
+        "shared_bytes": shared,
+        "ctas_per_sm": ctas_per_sm(arch, registers, num_warps, shared),
+        **per_element(instructions, elements_per_thread, long_rows),
+        "sass_instructions": len(instructions),
+    }
+
+
+def measure(config: Config) -> dict:
+    """Compile one configuration and measure its cubin; never raises (errors are reported)."""
+    entry = KERNELS[config.kernel]
+    case = config.case
+    row = {"config": config.name, "arch": config.arch, "kernel": config.kernel,
+           "dtype": case.dtype, "vocab_class": config.vocab_class, "vocab": case.vocab,
+           "has_labels": case.has_labels, "student_grad": case.grads[0],
+           "teacher_grad": case.grads[1], "temperature_is_one": case.temperature_is_one,
+           "divergence": case.divergence, "label_smoothing": case.label_smoothing}
     try:
-        kernel, args, kwargs = _launch_arguments(config)
-        target = GPUTarget("cuda", ARCHS[config.arch], 32)
-        backend = make_backend(target)
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(
-            backend, kwargs, bound, specialization, options)
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                  target=target, options=options.__dict__)
-        row["num_warps"] = compiled.metadata.num_warps
-        row["block_v"] = kwargs.get("BLOCK_V")
-        row["shared_bytes"] = compiled.metadata.shared
-        tool = cuobjdump_path()
-        if tool is None:
-            row["error"] = "cuobjdump not found in the triton wheel"
+        kernel, args, kwargs = capture_launch(config)
+        compiled, constexprs = compile_launch(kernel, args, kwargs, config.arch)
+        num_warps = compiled.metadata.num_warps
+        block = constexprs[entry.block]
+        elements_per_thread = block / (32 * num_warps)
+        long_rows = bool(entry.long_rows(constexprs))
+        parameters = (config.arch, num_warps, elements_per_thread, long_rows)
+        cache = _analysis_cache(compiled, *parameters)
+        if cache.exists():
+            analysis = json.loads(cache.read_text())
         else:
-            row.update(analyse_cubin(compiled.asm["cubin"], tool))
-        row["spills"] = bool(row.get("stack_bytes") or row.get("local_bytes") or row.get("ldl")
-                             or row.get("stl"))
+            analysis = _analyse(compiled, *parameters)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(analysis))
+            partial.replace(cache)
+        row.update({
+            "long_rows": long_rows,
+            "default": bool(entry.default(config.vocab_class)),
+            "num_warps": num_warps,
+            "block": block,
+            "elements_per_thread": elements_per_thread,
+            **analysis,
+        })
     except Exception as exc:  # noqa: BLE001 - one bad configuration must not hide the others
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        message = str(exc).splitlines()[0][:300] if str(exc) else ""
+        row["error"] = f"{type(exc).__name__}: {message}"
     return row
 
 
-def collect(configs: list[KernelConfig], jobs: int | None = None) -> list[dict]:
+def _measure_dict(data: dict) -> dict:
+    return measure(Config.from_dict(data))
+
+
+def collect(configs: list[Config], jobs: int | None = None) -> list[dict]:
     """Compile `configs` (in parallel processes) and return one row per configuration."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return _collect_in_clean_process(configs, jobs)
     jobs = jobs or min(len(configs), os.cpu_count() or 1)
     if jobs <= 1:
-        return [compile_config(c) for c in configs]
+        return [measure(c) for c in configs]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(compile_config, configs))
+        return list(pool.map(_measure_dict, [c.to_dict() for c in configs]))
 
 
 def _collect_in_clean_process(configs, jobs):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    payload = json.dumps({"configs": [asdict(c) for c in configs], "jobs": jobs})
+    payload = json.dumps({"configs": [c.to_dict() for c in configs], "jobs": jobs})
     out = subprocess.run([sys.executable, "-m", "fastkd.bench.static_report"], input=payload,
                          capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| arch | kernel / config | warps | BLOCK_V | regs | stack B | local B | smem B "
-             "| LDG | STG | LDL/STL | EX2 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| arch | config | warps | block | regs | spill B | CTAs/SM | instr/el | EX2/el "
+             "| LDG B/el | STG B/el |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['arch']} | {r['config']} | error: {r['error']} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | |")
             continue
         lines.append(
-            f"| {r['arch']} | {r['config']} | {r['num_warps']} | {r['block_v']} "
-            f"| {r['registers']} | {r['stack_bytes']} | {r['local_bytes']} | {r['shared_bytes']} "
-            f"| {r['ldg']} | {r['stg']} | {r['ldl']}/{r['stl']} | {r['mufu_ex2']} |")
-    spilling = [f"{r['arch']} {r['config']}" for r in rows if r.get("spills")]
+            f"| {r['arch']} | {r['config']} | {r['num_warps']} | {r['block']} "
+            f"| {r['registers']} | {r['spill_bytes']} | {r['ctas_per_sm']} "
+            f"| {r['instructions_per_element']:.2f} | {r['ex2_per_element']:.2f} "
+            f"| {r['ldg_bytes_per_element']:.2f} | {r['stg_bytes_per_element']:.2f} |")
+    spilling = [f"{r['arch']} {r['config']}" for r in rows if r.get("spill_bytes")]
     lines.append("")
     lines.append("Spills: " + (", ".join(spilling) if spilling else "none") + ".")
     return "\n".join(lines)
 
 
-def _main_stdin() -> int:
-    from dataclasses import fields
+def document(rows: list[dict]) -> dict:
+    """The machine-readable report: one entry per configuration, and what produced it."""
+    import triton
 
+    return {"triton_version": triton.__version__, "archs": sorted({r["arch"] for r in rows}),
+            "kernels": sorted({r["kernel"] for r in rows}), "entries": rows}
+
+
+def _main_stdin() -> int:
     request = json.loads(sys.stdin.read())
-    names = {f.name for f in fields(KernelConfig)}
-    configs = [KernelConfig(**{k: v for k, v in c.items() if k in names})
-               for c in request["configs"]]
+    configs = [Config.from_dict(c) for c in request["configs"]]
     print(json.dumps(collect(configs, request.get("jobs"))))
     return 0
 
