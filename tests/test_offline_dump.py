@@ -348,8 +348,6 @@ def test_dump_memory_is_bounded(setup, tmp_path):
           f"vs {peak_large / 2**20:.1f} MiB (large, {mib['large']:.1f} MiB out)")
 
 
-@pytest.mark.skipif(not hasattr(fastkd, "topk_kd_loss"),
-                    reason="fastkd.topk_kd_loss is not in this fastkd yet")
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 def test_first_step_loss_from_file_equals_live_teacher(setup, tail):
     out = setup["root"] / f"f32_{tail}"
