@@ -14,14 +14,13 @@ shard j holds the same sequences whatever ran before it. That gives
 
 Per teacher row, with z = logits / T (fp32), m = max(z) and e = exp(z - m):
 
-    ids, top = topk(z, k)                 # largest first
-    logprobs = top - (m + log Σ_v e_v)    # full-vocabulary log-softmax at T
-    tail     = log Σ_{v ∉ ids} e_v - log Σ_v e_v  = log(1 - Σ_k p_k)
+    ids, logprobs = fastkd.teacher_topk(logits, k, temperature=T)   # largest first
+    tail = log Σ_{v ∉ ids} e_v - log Σ_v e_v  = log(1 - Σ_k p_k)
 
 The tail is summed over the entries outside the top k, not taken as log(1 - Σ exp(logprobs)),
 which cancels to 0 or below when the top k hold nearly all the mass: at k = V it is exactly -inf.
-One pass of exponentials serves both sums. Memory traffic per row: read V logits, write the
-fp32 copy and its exponentials (2V), read them for the sums and the top k (about 3V), scatter k.
+One pass of exponentials serves both sums. Memory traffic per row, beyond teacher_topk's: read
+V logits, write their exponentials, read them twice for the two sums, scatter k zeros.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from .._spec import check_loss_options
+from ..topk import teacher_topk
 from .storage import (
     DONE_PATTERN,
     MANIFEST_NAME,
@@ -58,15 +58,15 @@ TOPK_CHUNK_ELEMENTS = 1 << 24
 def topk_with_tail(logits: torch.Tensor, k: int, temperature: float = 1.0):
     """(N, V) logits -> ids (N, k) int32, logprobs (N, k) fp32, tail (N,) fp32.
 
-    logprobs are the full-vocabulary log-softmax of logits / temperature at the top k, largest
-    first; tail = log(1 - Σ exp(logprobs)), computed as the logsumexp of the entries outside the
-    top k minus the row's logsumexp (see the module docstring). Computed in fp32 chunks of rows.
+    ids and logprobs are `fastkd.teacher_topk`'s: the full-vocabulary log-softmax of
+    logits / temperature at the top k, largest first. tail = log(1 - Σ exp(logprobs)), computed
+    from the entries outside the top k, never as a difference (see the module docstring). In
+    chunks of rows, in fp32:
 
+        ids, logprobs = fastkd.teacher_topk(logits, k, temperature=temperature)
         z = logits.float() / temperature
-        lse = z.logsumexp(-1)
-        top, ids = z.topk(k)
-        tail = z.scatter(-1, ids, -inf).logsumexp(-1) - lse
-        return ids, top - lse[:, None], tail
+        e = (z - z.amax(-1, keepdim=True)).exp()
+        tail = e.scatter(-1, ids, 0).sum(-1).log() - e.sum(-1).log()
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (rows, V), got shape {tuple(logits.shape)}")
@@ -78,35 +78,23 @@ def topk_with_tail(logits: torch.Tensor, k: int, temperature: float = 1.0):
     logprobs = torch.empty(n, k, dtype=torch.float32, device=logits.device)
     tail = torch.empty(n, dtype=torch.float32, device=logits.device)
     step = max(1, TOPK_CHUNK_ELEMENTS // v)
-    producer = _library_topk()
     for a in range(0, n, step):
-        z = logits[a : a + step].float()
+        chunk = logits[a : a + step]
+        idx, lp = teacher_topk(chunk, k, temperature=temperature)
+        z = chunk.float()
         if temperature != 1.0:
             z = z / temperature
-        # One exponential per entry serves both sums: the row's and the complement's.
+        # One exponential per entry gives the complement's sum and the row's.
         m = z.amax(dim=-1, keepdim=True)
         m = torch.where(m == float("-inf"), 0.0, m)  # a fully masked row: no inf - inf
         e = (z - m).exp_()
         log_total = e.sum(dim=-1).log()
-        if producer is None:
-            top, idx = z.topk(k, dim=-1)
-            lp = top - (m.squeeze(-1) + log_total)[:, None]
-        else:
-            idx, lp = producer(logits[a : a + step], k, temperature=temperature)
-            idx = idx.long()
         ids[a : a + step] = idx
         logprobs[a : a + step] = lp
         # The complement summed directly (entries relative to the row's max, so <= 1): no
         # cancellation; it reaches 0 (tail -inf) only below ~1e-38 of the row's mass.
         tail[a : a + step] = e.scatter_(-1, idx, 0.0).sum(dim=-1).log() - log_total
     return ids, logprobs, tail
-
-
-def _library_topk():
-    """fastkd.teacher_topk when this fastkd has it (same ids and values up to tie order)."""
-    import fastkd
-
-    return getattr(fastkd, "teacher_topk", None)
 
 
 @dataclass
