@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ lives at the top of the repository but installs as fastkd.kernels: a top-level
     # module called `kernels` would clash with an existing PyPI package.
-    packages=["fastkd", "fastkd.kernels", "fastkd.bench", "fastkd.hf"],
+    packages=["fastkd", "fastkd.kernels", "fastkd.bench", "fastkd.hf", "fastkd.offline"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -33,12 +33,16 @@ setup(
             "transformers>=4.46", "tokenizers>=0.15", "accelerate>=1.0", "matplotlib>=3.7",
             "tqdm>=4.60",
         ],
+        "offline": ["safetensors>=0.4", "transformers>=4.46", "tqdm>=4.60"],
         "dev": [
             "pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.80", "matplotlib>=3.7",
             "tqdm>=4.60", "ruff>=0.5",
         ],
     },
-    entry_points={"console_scripts": ["fastkd-bench = fastkd.bench.cli:main"]},
+    entry_points={"console_scripts": [
+        "fastkd-bench = fastkd.bench.cli:main",
+        "fastkd-topk = fastkd.offline.cli:main",
+    ]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
