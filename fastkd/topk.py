@@ -4,7 +4,8 @@
 entries as ids and values (stored offline, or from ``teacher_topk``). One read of the student row,
 k gathered entries and one write of the gradient: no teacher logits anywhere. The derivation of
 the loss and of its (dense) gradient is in the comment block of ``fastkd/kernels/kd_topk.py``;
-this file holds the PyTorch backend of the same math, the custom op and the public API.
+this file holds the PyTorch backend of the same math, the custom op and the public API, and
+``linear_topk_kd_loss``, the same loss from hidden states on fastkd.linear's chunk loop.
 """
 
 from __future__ import annotations
