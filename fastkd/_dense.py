@@ -144,7 +144,8 @@ def _vocab_parallel_rows(plan: DensePlan, student, teacher, labels, weight, grad
         _vocab_parallel_backend(student.device), student, teacher, labels, weight,
         plan.spec.options, vocab_start=plan.vocab_start, gather_stats=gather_stats,
         reduce_sums=reduce_sums, grad_student=grad_student, grad_teacher=grad_teacher)
-    return row_stats, grad_student, grad_teacher
+    # The Triton shard kernels accumulate in fp32; the loss keeps the inputs' loss dtype.
+    return row_stats.to(_ops.loss_dtype(student, teacher)), grad_student, grad_teacher
 
 
 def dense_kd_loss(plan: DensePlan, student_logits, teacher_logits, labels,

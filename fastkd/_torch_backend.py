@@ -375,15 +375,14 @@ def run_shard_steps(backend, student, teacher, labels, weight, options: LossOpti
     group, or nothing to add on one device); reduce_sums((N, 3)) adds the divergence sums across
     shards. Returns the (N, NUM_ROW_STATS) row statistics and fills the gradients.
     """
-    n_rows = student.shape[0]
     stats = backend.shard_stats(student, teacher, labels, vocab_start=vocab_start,
                                 options=options, **backend_options)
-    state = combine_stats(gather_stats(stats.reshape(-1, n_rows, NUM_STATS)), options)
+    state = combine_stats(gather_stats(stats if stats.dim() == 3 else stats[None]), options)
     sums = None
     if options.divergence_id not in ONLINE_DIVERGENCES:
         sums = backend.shard_divergence_sums(state, student, teacher, options,
                                              **backend_options)
-        sums = reduce_sums(sums.reshape(-1, n_rows, 3).sum(dim=0))
+        sums = reduce_sums(sums.sum(dim=0) if sums.dim() == 3 else sums)
     row_stats, a_sum, b_sum = row_statistics(state, sums, labels, options)
     if grad_student is not None or grad_teacher is not None:
         backend.shard_grads(state, a_sum, b_sum, student, teacher, labels, weight, options,
