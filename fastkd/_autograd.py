@@ -154,3 +154,28 @@ class SavedGradientLoss(torch.autograd.Function):
             _ops.scale_rows_(grad, grad_output)
             results.append(grad.view(shape))
         return tuple(results)
+
+
+class RecomputedRowsLoss(torch.autograd.Function):
+    """reduction="none" for losses whose gradients are not row-shaped (a weight's): the forward
+    computes the row losses only, and backward runs the loss again with grad_output as the rows'
+    weights, since a per-row factor cannot rescale a summed weight gradient afterwards.
+
+    `run(plan, row_scale, *inputs) -> (loss, components, grads)`: row_scale None asks for the
+    loss alone; a (N,) tensor asks for the gradients, each row weighted by it. grads is as in
+    SavedGradientLoss.
+    """
+
+    @staticmethod
+    def forward(ctx, run, plan, *inputs):
+        loss, components, _ = run(plan, None, *inputs)
+        ctx.mark_non_differentiable(components)
+        ctx.run, ctx.plan = run, plan
+        ctx.save_for_backward(*inputs)
+        return loss, components
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_components):
+        refuse_double_backward(ctx.plan.name)
+        _, _, grads = ctx.run(ctx.plan, grad_output.reshape(-1), *ctx.saved_tensors)
+        return (None, None, *(None if g is None else g[0].view(g[1]) for g in grads))

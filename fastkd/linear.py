@@ -37,11 +37,11 @@ import torch
 from . import _ops
 from ._autograd import (
     KDLossComponents,
+    RecomputedRowsLoss,
     SavedGradientLoss,
     make_components,
     reduce_rows,
     reduction_weight,
-    refuse_double_backward,
     refuse_function_transforms,
 )
 from ._spec import (
@@ -367,26 +367,12 @@ def _run_saved(plan: LinearPlan, *inputs):
     return _run_chunks(plan, plan.wants, None, *inputs)
 
 
-class _RecomputedRows(torch.autograd.Function):
-    """reduction="none": the forward computes the row losses only; backward runs the chunks
-    again with grad_output as row weights (a per-row factor cannot rescale dW afterwards)."""
-
-    @staticmethod
-    def forward(ctx, plan, *inputs):
-        loss, components, _ = _run_chunks(plan, (False,) * 6, None, *inputs)
-        ctx.mark_non_differentiable(components)
-        ctx.plan = plan
-        ctx.save_for_backward(*inputs)
-        return loss, components
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_components):
-        refuse_double_backward(ctx.plan.name)
-        inputs = ctx.saved_tensors
-        with _no_autocast(inputs[0].device):
-            _, _, grads = _run_chunks(ctx.plan, ctx.plan.wants, grad_output.reshape(-1),
-                                      *inputs)
-        return (None, *(None if g is None else g[0].view(g[1]) for g in grads))
+def _run_recomputed(plan: LinearPlan, row_scale, *inputs):
+    """RecomputedRowsLoss's run: the loss alone, or the gradients weighted by row_scale."""
+    if row_scale is None:
+        return _run_chunks(plan, (False,) * 6, None, *inputs)
+    with _no_autocast(inputs[0].device):
+        return _run_chunks(plan, plan.wants, row_scale, *inputs)
 
 
 def linear_kd_loss(
@@ -509,7 +495,7 @@ def linear_kd_loss(
         if not any(plan.wants):
             loss, components, _ = _run_chunks(plan, plan.wants, None, *inputs)
         elif reduction == "none":
-            loss, components = _RecomputedRows.apply(plan, *inputs)
+            loss, components = RecomputedRowsLoss.apply(_run_recomputed, plan, *inputs)
         else:
             loss, components = SavedGradientLoss.apply(_run_saved, plan, *inputs)
     if return_components:

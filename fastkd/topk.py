@@ -18,11 +18,11 @@ from torch import nn
 
 from . import _ops, linear
 from ._autograd import (
+    RecomputedRowsLoss,
     SavedGradientLoss,
     make_components,
     reduce_rows,
     reduction_weight,
-    refuse_double_backward,
     refuse_function_transforms,
 )
 from ._dense import can_hold_its_gradient, rows_view
@@ -518,26 +518,12 @@ def _run_linear_topk_saved(plan: LinearTopKPlan, *inputs):
     return _run_linear_topk(plan, plan.head.wants[:3], None, *inputs)
 
 
-class _LinearTopKRecomputed(torch.autograd.Function):
-    """reduction="none": the forward computes the row losses only; backward runs the chunks
-    again with grad_output as row weights (a per-row factor cannot rescale dW afterwards)."""
-
-    @staticmethod
-    def forward(ctx, plan, *inputs):
-        loss, components, _ = _run_linear_topk(plan, (False,) * 3, None, *inputs)
-        ctx.mark_non_differentiable(components)
-        ctx.plan = plan
-        ctx.save_for_backward(*inputs)
-        return loss, components
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_components):
-        refuse_double_backward(ctx.plan.name)
-        inputs = ctx.saved_tensors
-        with linear._no_autocast(inputs[0].device):
-            _, _, grads = _run_linear_topk(ctx.plan, ctx.plan.head.wants[:3],
-                                           grad_output.reshape(-1), *inputs)
-        return (None, *(None if g is None else g[0].view(g[1]) for g in grads))
+def _run_linear_topk_recomputed(plan: LinearTopKPlan, row_scale, *inputs):
+    """RecomputedRowsLoss's run: the loss alone, or the gradients weighted by row_scale."""
+    if row_scale is None:
+        return _run_linear_topk(plan, (False,) * 3, None, *inputs)
+    with linear._no_autocast(inputs[0].device):
+        return _run_linear_topk(plan, plan.head.wants[:3], row_scale, *inputs)
 
 
 def linear_topk_kd_loss(
@@ -632,7 +618,8 @@ def linear_topk_kd_loss(
         if not any(wants):
             loss, components, _ = _run_linear_topk(plan, wants, None, *inputs)
         elif reduction == "none":
-            loss, components = _LinearTopKRecomputed.apply(plan, *inputs)
+            loss, components = RecomputedRowsLoss.apply(_run_linear_topk_recomputed, plan,
+                                                         *inputs)
         else:
             loss, components = SavedGradientLoss.apply(_run_linear_topk_saved, plan, *inputs)
     if return_components:
