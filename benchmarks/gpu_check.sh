@@ -10,7 +10,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 --platform any -d benchmarks/wheels \
-#     liger-kernel matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing \
+#     liger-kernel trl matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing \
 #     python-dateutil six packaging tzdata tqdm pytest-benchmark py-cpuinfo2 hypothesis \
 #     sortedcontainers
 #
@@ -134,6 +134,19 @@ say "benchmark: fastkd-bench ${bench_args[*]}"
     --out-dir "$OUTDIR/bench") 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 say "benchmark exit status $rc"
+[[ $rc -eq 0 ]] || status=1
+
+# --- 4b. Fused linear against explicit logits, the 4 GEMMs, TRL and Liger (N=8192) ----------
+if [[ "$DRY_RUN" == 1 ]]; then
+  linear_args=(--device cpu --linear --linear-shapes linear-tiny)
+else
+  linear_args=(--device cuda --linear --linear-shapes linear-gpu-quick)
+fi
+say "fused linear: fastkd-bench ${linear_args[*]}"
+(cd "$WORK" && timeout 150 "$PY" -m fastkd.bench "${linear_args[@]}" --no-progress \
+    --out-dir "$OUTDIR/linear") 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+say "fused linear exit status $rc"
 [[ $rc -eq 0 ]] || status=1
 
 # --- 5. Long rows: each FASTKD_LONG_ROWS strategy, checked, timed, and the selection table -----

@@ -1,22 +1,24 @@
-"""Distil a small GPT-2 into a smaller one with fastkd, on Python's own standard library.
+"""Distil a small GPT-2 into a smaller one with fastkd.hf.KDTrainer, on Python's standard library.
 
 Everything is built locally, nothing is downloaded: the corpus is the standard library's source
 files, the byte-level BPE tokenizer is trained here with `tokenizers`, and both models are
 randomly initialised `transformers` GPT-2s sharing that vocabulary.
 
-The run trains the teacher on labels, then trains three copies of one student initialisation on
-the same batches with the same optimiser:
+The run trains the teacher on labels with a plain ``transformers.Trainer``, then three copies of
+one student initialisation on the same batches, in the same order, with the same optimiser:
 
-* ``fastkd``: ``fastkd.KDLoss(temperature=T, alpha=alpha)`` against the frozen teacher,
-* ``reference``: the same loss written in plain PyTorch (``fastkd.reference.kd_loss``),
-* ``labels-only``: plain cross-entropy on the next-token labels, no teacher.
+* ``fused``: ``fastkd.hf.KDTrainer(fused_linear=True)``: ``fastkd.linear_kd_loss`` on the hidden
+  states and lm_head weights, no (batch, seq, vocab) logits;
+* ``logits``: ``KDTrainer(fused_linear=False)``: both models' logits and ``fastkd.kd_loss``;
+* ``labels_only``: ``transformers.Trainer``, cross-entropy on the next-token labels, no teacher.
 
-The first two must trace the same loss curve (the largest gap is reported); the distilled student
-should reach a lower held-out perplexity than the labels-only one. Outputs under ``--out``:
-``curves.png``, ``report.json`` and the trained ``tokenizer.json``.
+The first two compute the same loss (the largest gap between their curves is reported); the
+distilled students should reach a lower held-out perplexity than the labels-only one. The peak
+memory of a training step is measured for both KD paths, each in a fresh process. Outputs under
+``--out``: ``curves.png``, ``report.json`` and the trained ``tokenizer.json``.
 
     python examples/distill_hf.py                     # CPU defaults, a few minutes
-    python examples/distill_hf.py --device cuda --steps 3000 --teacher-steps 6000 \\
+    python examples/distill_hf.py --device cuda --threads 0 --steps 3000 --teacher-steps 6000 \\
         --batch-size 64 --seq-len 256 --heldout-windows 0 --teacher-n-layer 8 \\
         --teacher-n-embd 512 --student-n-layer 4 --student-n-embd 256
 """
@@ -27,8 +29,12 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
+import subprocess
+import sys
 import sysconfig
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -40,10 +46,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import fastkd
+from fastkd.hf import KDTrainer
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
@@ -55,15 +61,16 @@ HOLDOUT_EVERY = 10
 # Dimensions per attention head when --*-n-head is not given (GPT-2 small uses 64; these are tiny).
 HEAD_DIM = 32
 DEFAULT_OUT = Path(__file__).resolve().parent / "runs" / "distill_hf"
+STUDENTS = ("fused", "logits", "labels_only")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Distil a GPT-2 teacher into a smaller GPT-2 with fastkd.KDLoss, offline, "
-        "on the Python standard library's source code.",
+        description="Distil a GPT-2 teacher into a smaller GPT-2 with fastkd.hf.KDTrainer, "
+        "offline, on the Python standard library's source code.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--seed", type=int, default=0, help="seeds the models and the batch order")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--steps", type=int, default=200, help="optimiser steps for each student")
@@ -81,11 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--student-n-head", type=int, default=0, help="0: n_embd / 32")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature T")
     # 0.9, not the usual 0.5: with a teacher this much better than the student, the teacher's
-    # distribution is the richer signal; on the CPU defaults 0.5 wins by a third of the margin and
-    # stops winning at a slightly higher learning rate (README).
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the KL term")
+    # distribution is the richer signal (README).
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the divergence term")
+    p.add_argument("--divergence", default="forward_kl", choices=fastkd.DIVERGENCES,
+                   help="divergence between teacher and student distributions")
     # Not 3e-3: there the students' training is chaotic enough that rounding-level differences
-    # between the fastkd and reference students grow into different minima (README).
+    # between the two KD students grow into different minima (README).
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (students)")
     p.add_argument("--teacher-lr", type=float, default=3e-3, help="peak AdamW lr, teacher")
     p.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
@@ -93,10 +101,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out windows scored during training, for the curves")
     p.add_argument("--heldout-windows", type=int, default=512,
                    help="held-out windows in the final perplexities, evenly spaced (0: all)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip measuring each KD path's peak step memory in a fresh process")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (0: torch's default). These matrices are too small "
                    "to gain from more, and on a shared machine extra threads slow them down")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="print no held-out perplexity lines during training")
+    p.add_argument("--memory-batch-sizes", default="8,128",
+                   help="windows per step at which each KD path's peak step memory is measured "
+                   "(comma-separated; the training batch is too small to need chunking)")
+    p.add_argument("--memory-probe", choices=("fused", "logits"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-probe-batch-size", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -180,17 +196,23 @@ def make_windows(tok: Tokenizer, texts: list[str], seq_len: int):
     return input_ids, label_ids, (label_ids != IGNORE_INDEX).long()
 
 
-def batch_order(num_windows: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """Window indices for each step: seeded shuffles, reshuffled at each epoch."""
-    gen = torch.Generator().manual_seed(seed)
-    order: list[torch.Tensor] = []
-    pool = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(pool) < batch_size:
-            pool = torch.cat([pool, torch.randperm(num_windows, generator=gen)])
-        order.append(pool[:batch_size])
-        pool = pool[batch_size:]
-    return order
+
+
+class Windows(torch.utils.data.Dataset):
+    """Trainer rows: input_ids, attention_mask, labels (HF convention, = input_ids with padding
+    ignored) and shift_labels (the next token of each position, across the window's end), which
+    both trainers use as the targets."""
+
+    def __init__(self, input_ids, next_labels, mask):
+        self.input_ids, self.next_labels, self.mask = input_ids, next_labels, mask
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, i):
+        labels = torch.where(self.mask[i].bool(), self.input_ids[i], IGNORE_INDEX)
+        return {"input_ids": self.input_ids[i], "attention_mask": self.mask[i],
+                "labels": labels, "shift_labels": self.next_labels[i]}
 
 
 # ----------------------------------------------------------------------------- models
@@ -202,33 +224,61 @@ def gpt2(vocab_size: int, seq_len: int, n_layer: int, n_embd: int, n_head: int, 
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
-        # No dropout: the fastkd and reference students must run the same computation, so that
-        # any gap between their curves comes from the loss alone, not from different masks.
+        # No dropout: the two KD students must run the same computation, so that any gap between
+        # their curves comes from the loss implementations alone, not from different masks.
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
 
 
-def optimiser(model: torch.nn.Module, lr: float, steps: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)  # 5 % linear warm-up, then cosine decay to 10 % of the peak
+def training_args(args, out: Path, steps: int, lr: float, device: torch.device, seed: int):
+    """AdamW, 5 % linear warm-up then cosine decay to 10 % of the peak, clipping at 1."""
+    return transformers.TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=lr, weight_decay=0.01, warmup_steps=max(1, steps // 20),
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=device.type == "cpu", seed=seed, data_seed=seed,
+        # shift_labels is not a GPT-2 forward argument: keep it for the labels-only Trainer.
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+    )
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+class HeldOutCurve(transformers.TrainerCallback):
+    """Held-out perplexity every `every` steps, for the curves (printed unless `quiet`)."""
+
+    def __init__(self, name: str, score, every: int, quiet: bool):
+        self.name, self.score, self.every, self.quiet = name, score, every, quiet
+        self.steps, self.values = [], []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.steps.append(state.global_step)
+            self.values.append(self.score(model))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The step's log comes after on_step_end: print the perplexity with that step's loss.
+        if not self.quiet and "loss" in (logs or {}) and self.steps[-1:] == [state.global_step]:
+            print(f"  {self.name:<11} step {state.global_step:>5}  loss {logs['loss']:.4f}  "
+                  f"held-out perplexity {self.values[-1]:.2f}", flush=True)
 
 
-def step_optimiser(model, opt, sched, loss) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
+def quiet(trainer):
+    """Drop the Trainer's per-step printing of its logs (the curves are in the report)."""
+    trainer.remove_callback(transformers.PrinterCallback)
+    trainer.remove_callback(transformers.ProgressCallback)
+    return trainer
+
+
+def kd_trainer(args, student, teacher, dataset, out: Path, device, fused: bool, steps: int,
+               seed: int, callbacks=()):
+    return KDTrainer(
+        model=student, teacher_model=teacher, train_dataset=dataset, callbacks=list(callbacks),
+        args=training_args(args, out, steps, args.lr, device, seed),
+        temperature=args.temperature, alpha=args.alpha, divergence=args.divergence,
+        ignore_index=IGNORE_INDEX, fused_linear=fused,
+    )
 
 
 @torch.no_grad()
@@ -249,6 +299,93 @@ def perplexity(model, input_ids, labels, mask, batch_size: int, device) -> float
     return math.exp(nll / max(count, 1))
 
 
+# ----------------------------------------------------------------------------- memory
+
+
+class PeakAfterFirstStep(transformers.TrainerCallback):
+    """Peak of the tensor memory allocated during training step 2 (the first allocates what
+    stays, such as the optimiser state, and initialises libraries).
+
+    CUDA: torch.cuda.max_memory_allocated above the allocation before step 2. CPU: the peak of
+    the tensors created in that step, counted by torch's MemTracker (a dispatch mode that follows
+    every storage; None if this torch has none).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.base, self.peak, self.tracker = device, None, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step != 1:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        try:
+            from torch.distributed._tools.mem_tracker import MemTracker
+        except ImportError:
+            return
+        self.tracker = MemTracker()
+        self.tracker.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step != 2:
+            return
+        if self.device.type == "cuda" and self.base is not None:
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.tracker is not None:
+            self.tracker.__exit__(None, None, None)
+            snapshot = self.tracker.get_tracker_snapshot("peak")
+            self.peak = snapshot[torch.device("cpu")]["Total"]
+
+
+def memory_probe(args) -> dict:
+    """Peak tensor memory of KDTrainer's training step 2 (PeakAfterFirstStep), in a fresh process
+    for each path."""
+    device = resolve_device(args.device)
+    fused = args.memory_probe == "fused"
+    vocab = args.vocab_size
+    teacher = gpt2(vocab, args.seq_len, args.teacher_n_layer, args.teacher_n_embd,
+                   args.teacher_n_head, 0, args.seed).to(device).eval()
+    student = gpt2(vocab, args.seq_len, args.student_n_layer, args.student_n_embd,
+                   args.student_n_head, 0, args.seed + 1).to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    steps = 2
+    args.batch_size = args.memory_probe_batch_size or args.batch_size
+    ids = torch.randint(1, vocab, (args.batch_size * steps, args.seq_len), generator=gen)
+    dataset = Windows(ids, torch.roll(ids, -1, dims=1), torch.ones_like(ids))
+    meter = PeakAfterFirstStep(device)
+    with tempfile.TemporaryDirectory() as out:
+        quiet(kd_trainer(args, student, teacher, dataset, Path(out), device, fused, steps,
+                         args.seed, callbacks=[meter])).train()
+    how = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+           else "torch MemTracker peak of the tensors created")
+    # What the explicit-logits path stores beside the model: student and teacher logits and the
+    # student's logits gradient, each (tokens, V) in float32 here.
+    logits_bytes = 3 * args.batch_size * args.seq_len * vocab * 4
+    return {"path": args.memory_probe, "peak_bytes": meter.peak,
+            "measured_as": f"{how} in training step 2",
+            "tokens_per_step": args.batch_size * args.seq_len,
+            "three_logits_tensors_bytes": logits_bytes}
+
+
+def measure_memory(argv, args) -> list[dict]:
+    """Run memory_probe for both KD paths at each --memory-batch-sizes, each in its own fresh
+    Python process."""
+    results = []
+    for batch_size in (int(b) for b in args.memory_batch_sizes.split(",") if b.strip()):
+        for path in ("fused", "logits"):
+            command = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-probe",
+                       path, "--memory-probe-batch-size", str(batch_size)]
+            done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ),
+                                  timeout=1800)
+            if done.returncode != 0:
+                raise RuntimeError(f"memory probe {path} failed:\n{done.stderr[-4000:]}")
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -259,22 +396,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return run(args)
+        if args.memory_probe:
+            result = memory_probe(args)
+            print(json.dumps(result))
+            return result
+        return run(args, argv)
     finally:
         # main() may run inside a larger process (the tests): leave its thread count as found.
         torch.set_num_threads(threads_before)
 
 
-def run(args: argparse.Namespace) -> dict:
+def log_values(trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry and "step" in entry
+            and "train_runtime" not in entry]
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
     started = time.perf_counter()
     device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    bar = dict(disable=args.no_progress, dynamic_ncols=True)
+    transformers.logging.set_verbosity_error()
 
     corpus = load_stdlib_corpus(args.corpus_chars)
     tok = train_tokenizer(corpus.train_texts, args.vocab_size)
@@ -287,14 +434,11 @@ def run(args: argparse.Namespace) -> dict:
         # Evenly spaced, so that a cap still samples every held-out file, not just the first.
         keep = torch.linspace(0, len(held_x) - 1, args.heldout_windows).round().long()
         held_x, held_y, held_m = held_x[keep], held_y[keep], held_m[keep]
+    dataset = Windows(train_x, train_y, train_m)
     data_seconds = time.perf_counter() - started
     print(f"corpus: {len(corpus.train_files)} train / {len(corpus.heldout_files)} held-out "
           f"stdlib files, {int(train_m.sum()):,} / {int(held_m.sum()):,} tokens, "
           f"vocabulary {vocab_size}, device {device}")
-
-    def batch(indices):
-        return (train_x[indices].to(device), train_y[indices].to(device),
-                train_m[indices].to(device))
 
     # Scoring keeps no activations for backward, so it affords larger batches than training.
     eval_batch_size = 4 * args.batch_size
@@ -309,104 +453,77 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     teacher = gpt2(vocab_size, args.seq_len, args.teacher_n_layer, args.teacher_n_embd,
                    args.teacher_n_head, eos_id, args.seed).to(device)
-    opt, sched = optimiser(teacher, args.teacher_lr, args.teacher_steps)
-    teacher.train()
-    teacher_curve = []
-    progress = tqdm(batch_order(len(train_x), args.batch_size, args.teacher_steps, args.seed),
-                    desc="teacher", **bar)
-    for indices in progress:
-        x, y, m = batch(indices)
-        loss = F.cross_entropy(teacher(input_ids=x, attention_mask=m).logits.flatten(0, 1),
-                               y.flatten(), ignore_index=IGNORE_INDEX)
-        step_optimiser(teacher, opt, sched, loss)
-        teacher_curve.append(loss.item())
-        progress.set_postfix(ce=f"{teacher_curve[-1]:.3f}")
+    teacher_trainer = quiet(transformers.Trainer(
+        model=teacher, train_dataset=dataset,
+        args=training_args(args, args.out / "teacher", args.teacher_steps, args.teacher_lr,
+                           device, args.seed)))
+    print(f"teacher: {args.teacher_steps} steps", flush=True)
+    teacher_trainer.train()
+    teacher_curve = log_values(teacher_trainer, "loss")
     teacher.eval().requires_grad_(False)
     teacher_seconds = time.perf_counter() - t0
 
-    # ---- students: one initialisation, three losses, the same batches in the same order.
+    # ---- students: one initialisation, three trainers, the same batches in the same order.
     t0 = time.perf_counter()
     init = gpt2(vocab_size, args.seq_len, args.student_n_layer, args.student_n_embd,
-                args.student_n_head, eos_id, args.seed + 1).to(device)
-    criterion = fastkd.KDLoss(temperature=args.temperature, alpha=args.alpha,
-                              ignore_index=IGNORE_INDEX)
-
-    def reference_loss(student_logits, teacher_logits, labels):
-        return fastkd.reference.kd_loss(student_logits, teacher_logits, labels,
-                                        temperature=args.temperature, alpha=args.alpha,
-                                        ignore_index=IGNORE_INDEX)
-
-    def labels_only_loss(student_logits, _teacher_logits, labels):
-        return F.cross_entropy(student_logits.flatten(0, 1), labels.flatten(),
-                               ignore_index=IGNORE_INDEX)
-
-    names = ("fastkd", "reference", "labels_only")
-    losses = dict(zip(names, (criterion, reference_loss, labels_only_loss), strict=True))
-    students, optims = {}, {}
-    for name in names:
-        students[name] = copy.deepcopy(init).train()
-        optims[name] = optimiser(students[name], args.lr, args.steps)
-    curves = {name: [] for name in names}
-    train_ce = {name: [] for name in names}
-    # The two KD students drift apart by rounding over the steps; scoring the fastkd student's own
-    # logits with both losses each step isolates the loss implementations from that drift.
-    same_logits_gap = []
-    eval_steps, eval_ppl = [], {name: [] for name in ("fastkd", "labels_only")}
-
+                args.student_n_head, eos_id, args.seed + 1)
     student_seed = args.seed + 2  # not the teacher's order: the students see batches afresh
-    progress = tqdm(batch_order(len(train_x), args.batch_size, args.steps, student_seed),
-                    desc="students", **bar)
-    for step, indices in enumerate(progress, start=1):
-        x, y, m = batch(indices)
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=x, attention_mask=m).logits
-        for name in names:
-            logits = students[name](input_ids=x, attention_mask=m).logits
-            loss = losses[name](logits, teacher_logits, y)
-            step_optimiser(students[name], *optims[name], loss)
-            curves[name].append(loss.item())
-            with torch.no_grad():
-                train_ce[name].append(labels_only_loss(logits, None, y).item())
-                if name == "fastkd":
-                    same_logits_gap.append(
-                        abs(loss.item() - reference_loss(logits, teacher_logits, y).item()))
-        if step % args.eval_every == 0 or step == args.steps:
-            eval_steps.append(step)
-            for name in eval_ppl:
-                eval_ppl[name].append(held_ppl(students[name], args.eval_windows))
-        progress.set_postfix(kd=f"{curves['fastkd'][-1]:.3f}",
-                             ce=f"{curves['labels_only'][-1]:.3f}")
+    students, curves, components, eval_curves, seconds = {}, {}, {}, {}, {}
+    for name in STUDENTS:
+        t_student = time.perf_counter()
+        student = copy.deepcopy(init).to(device).train()
+        held_out = HeldOutCurve(name, lambda m: held_ppl(m, args.eval_windows), args.eval_every,
+                                args.no_progress)
+        out = args.out / name
+        if name == "labels_only":
+            trainer = transformers.Trainer(
+                model=student, train_dataset=dataset, callbacks=[held_out],
+                args=training_args(args, out, args.steps, args.lr, device, student_seed))
+        else:
+            trainer = kd_trainer(args, student, teacher, dataset, out, device, name == "fused",
+                                 args.steps, student_seed, callbacks=[held_out])
+        quiet(trainer).train()
+        students[name] = student
+        curves[name] = log_values(trainer, "loss")
+        if name != "labels_only":
+            components[name] = {"divergence": log_values(trainer, "kd_divergence"),
+                                "ce": log_values(trainer, "kd_ce")}
+        eval_curves[name] = {"steps": held_out.steps, "perplexity": held_out.values}
+        seconds[name] = time.perf_counter() - t_student
     student_seconds = time.perf_counter() - t0
+
+    memory = None if args.no_memory else measure_memory(argv, args)
 
     # ---- report
     t0 = time.perf_counter()
     ppl = {"teacher": held_ppl(teacher)}
-    ppl.update({f"student_{name}": held_ppl(students[name]) for name in names})
-    gaps = [abs(a - b) for a, b in zip(curves["fastkd"], curves["reference"], strict=True)]
+    ppl.update({f"student_{name}": held_ppl(students[name]) for name in STUDENTS})
+    gaps = [abs(a - b) for a, b in zip(curves["fused"], curves["logits"], strict=True)]
     max_gap = max(gaps)
     runtime = time.perf_counter() - started
     n_params = {"teacher": sum(p.numel() for p in teacher.parameters()),
                 "student": sum(p.numel() for p in init.parameters())}
+    best_kd = min(ppl["student_fused"], ppl["student_logits"])
     report = {
         "perplexity_heldout": ppl,
-        "distilled_beats_labels_only": ppl["student_fastkd"] < ppl["student_labels_only"],
-        "max_abs_loss_diff_fastkd_vs_reference": max_gap,
+        "distilled_beats_labels_only": best_kd < ppl["student_labels_only"],
+        "max_abs_loss_diff_fused_vs_logits": max_gap,
         "max_abs_loss_diff_step": gaps.index(max_gap) + 1,
-        "max_abs_loss_diff_same_logits": max(same_logits_gap),
-        "final_train_loss": {name: curves[name][-1] for name in names},
+        "first_loss_diff_fused_vs_logits": gaps[0],
+        "peak_memory": memory,
+        "final_train_loss": {name: curves[name][-1] for name in STUDENTS},
         "runtime_seconds": {"total": runtime, "data_and_tokenizer": data_seconds,
                             "teacher": teacher_seconds, "students": student_seconds,
-                            "final_eval": time.perf_counter() - t0},
+                            "per_student": seconds, "final_eval": time.perf_counter() - t0},
         "parameters": n_params,
         "corpus": {"stdlib": sysconfig.get_paths()["stdlib"],
                    "train_files": len(corpus.train_files),
                    "heldout_files": corpus.heldout_files,
                    "train_tokens": int(train_m.sum()), "heldout_tokens": int(held_m.sum()),
                    "vocab_size": vocab_size},
-        "curves": {"steps": list(range(1, args.steps + 1)), "train_loss": curves,
-                   "train_ce": train_ce, "teacher_train_ce": teacher_curve,
-                   "same_logits_gap": same_logits_gap,
-                   "eval_steps": eval_steps, "eval_perplexity": eval_ppl},
+        "curves": {"steps": list(range(1, len(curves["fused"]) + 1)), "train_loss": curves,
+                   "kd_components": components, "teacher_train_loss": teacher_curve,
+                   "eval": eval_curves},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": {"device": str(device), "python": platform.python_version(),
                         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -423,26 +540,25 @@ def plot(report: dict, path: Path) -> None:
     steps = c["steps"]
     fig, (ax_loss, ax_gap, ax_ppl) = plt.subplots(1, 3, figsize=(16, 4.5))
 
-    ax_loss.plot(steps, c["train_loss"]["fastkd"], label="KD loss, fastkd.KDLoss")
-    ax_loss.plot(steps, c["train_loss"]["reference"], "--", label="KD loss, reference")
-    ax_loss.plot(steps, c["train_ce"]["fastkd"], alpha=0.7, label="CE of the distilled student")
+    ax_loss.plot(steps, c["train_loss"]["fused"], label="KD loss, fused_linear=True")
+    ax_loss.plot(steps, c["train_loss"]["logits"], "--", label="KD loss, fused_linear=False")
+    ax_loss.plot(steps, c["kd_components"]["fused"]["ce"], alpha=0.7,
+                 label="CE of the distilled student")
     ax_loss.plot(steps, c["train_loss"]["labels_only"], alpha=0.7, label="CE, labels-only student")
     ax_loss.set(title="Student training losses", xlabel="step", ylabel="nats / token")
     ax_loss.legend()
 
-    gaps = [abs(a - b) for a, b in zip(c["train_loss"]["fastkd"], c["train_loss"]["reference"],
+    gaps = [abs(a - b) for a, b in zip(c["train_loss"]["fused"], c["train_loss"]["logits"],
                                         strict=True)]
     # Exact zeros would vanish from a log axis: plot them at a floor far below float32 rounding
     # of losses of this size (~1e-7).
     floor = 1e-9
-    ax_gap.semilogy(steps, [max(g, floor) for g in gaps], label="between the two students")
-    ax_gap.semilogy(steps, [max(g, floor) for g in c["same_logits_gap"]], alpha=0.7,
-                    label="both losses on the same logits")
-    ax_gap.set(title="|fastkd - reference| KD loss", xlabel="step", ylabel="absolute difference")
-    ax_gap.legend()
+    ax_gap.semilogy(steps, [max(g, floor) for g in gaps])
+    ax_gap.set(title="|fused - logits| KD loss of the two students", xlabel="step",
+               ylabel="absolute difference")
 
-    ax_ppl.plot(c["eval_steps"], c["eval_perplexity"]["fastkd"], "o-", label="distilled (fastkd)")
-    ax_ppl.plot(c["eval_steps"], c["eval_perplexity"]["labels_only"], "s-", label="labels only")
+    for name, style in (("fused", "o-"), ("logits", "x--"), ("labels_only", "s-")):
+        ax_ppl.plot(c["eval"][name]["steps"], c["eval"][name]["perplexity"], style, label=name)
     ax_ppl.axhline(report["perplexity_heldout"]["teacher"], color="grey", ls=":", label="teacher")
     ax_ppl.set(title="Held-out perplexity (subset)", xlabel="step", ylabel="perplexity")
     ax_ppl.legend()
@@ -460,8 +576,9 @@ def print_summary(report: dict, out: Path) -> None:
     print(f"held-out perplexity ({report['corpus']['heldout_tokens']:,} tokens)")
     rows = [
         (f"teacher ({params['teacher'] / 1e6:.2f} M params)", ppl["teacher"]),
-        (f"student, fastkd.KDLoss ({params['student'] / 1e6:.2f} M params)", ppl["student_fastkd"]),
-        ("student, reference KD loss", ppl["student_reference"]),
+        (f"student, KDTrainer fused_linear=True ({params['student'] / 1e6:.2f} M params)",
+         ppl["student_fused"]),
+        ("student, KDTrainer fused_linear=False", ppl["student_logits"]),
         ("student, labels only", ppl["student_labels_only"]),
     ]
     width = max(len(name) for name, _ in rows)
@@ -469,10 +586,15 @@ def print_summary(report: dict, out: Path) -> None:
         print(f"  {name:<{width}} {value:10.2f}")
     verdict = "beats" if report["distilled_beats_labels_only"] else "does NOT beat"
     print(f"distilled student {verdict} the labels-only student")
-    print(f"max |fastkd - reference| training loss: "
-          f"{report['max_abs_loss_diff_fastkd_vs_reference']:.3e} "
-          f"(step {report['max_abs_loss_diff_step']}); on the same logits: "
-          f"{report['max_abs_loss_diff_same_logits']:.3e}")
+    print(f"|fused - logits| training loss: first step "
+          f"{report['first_loss_diff_fused_vs_logits']:.3e}, max "
+          f"{report['max_abs_loss_diff_fused_vs_logits']:.3e} "
+          f"(step {report['max_abs_loss_diff_step']})")
+    for m in report["peak_memory"] or ():
+        value = "n/a" if m["peak_bytes"] is None else f"{m['peak_bytes'] / 2**20:.1f} MiB"
+        print(f"peak memory of a training step of {m['tokens_per_step']} tokens, {m['path']}: "
+              f"{value} ({m['measured_as']}; the three (tokens, V) float32 logits tensors of "
+              f"the explicit path: {m['three_logits_tensors_bytes'] / 2**20:.1f} MiB)")
     print(f"runtime {seconds['total']:.1f} s (data+tokenizer {seconds['data_and_tokenizer']:.1f}, "
           f"teacher {seconds['teacher']:.1f}, students {seconds['students']:.1f})")
     print(f"wrote {out / 'curves.png'} and {out / 'report.json'}")

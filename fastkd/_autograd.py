@@ -53,9 +53,7 @@ def reduction_weight(labels: torch.Tensor | None, options: LossOptions, leading_
     reduction = options.reduction
     if reduction == "mean":
         if labels is not None:
-            counted = (labels != options.ignore_index).sum()
-            # All rows ignored: weight 1 over a zero sum, so the loss is 0 rather than 0/0.
-            return counted.clamp(min=1).to(dtype).reciprocal()
+            return _ops.mean_weight(labels, options.ignore_index, dtype)
         rows = 1
         for size in leading_shape:
             rows *= size
@@ -82,9 +80,8 @@ def reduce_rows(row_stats: torch.Tensor, weight: torch.Tensor, options: LossOpti
         components = row_stats[:, ROW_LOSS + 1:].t().reshape((NUM_ROW_STATS - 1,)
                                                            + tuple(leading_shape))
         return loss, components
-    totals = row_stats.sum(dim=0)
-    if not (options.reduction == "sum" and normalizer is None):
-        totals = totals * weight.to(totals.dtype)
+    apply_weight = not (options.reduction == "sum" and normalizer is None)
+    totals = _ops.sum_row_stats(row_stats, weight, apply_weight)
     return totals[ROW_LOSS], totals[ROW_LOSS + 1:]
 
 
@@ -100,6 +97,16 @@ def refuse_function_transforms(*tensors) -> None:
                 "torch.func transforms (grad, vjp, vmap); use torch.autograd (loss.backward() "
                 "or torch.autograd.grad)"
             )
+
+
+def refuse_double_backward(name: str) -> None:
+    """Raise in a fused loss's backward under create_graph=True: the gradient it returns is not
+    itself differentiable, so a silent answer would be wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name} does not support double backward (create_graph=True): its gradient is "
+            "computed in the forward and is not itself differentiable"
+        )
 
 
 class SavedGradientLoss(torch.autograd.Function):
@@ -118,6 +125,8 @@ class SavedGradientLoss(torch.autograd.Function):
     def forward(ctx, run, plan, *inputs):
         loss, components, grads = run(plan, *inputs)
         ctx.mark_non_differentiable(components)
+        # The components are detached: no zero-filled gradient for them in backward.
+        ctx.set_materialize_grads(False)
         saved = [pair[0] for pair in grads if pair is not None]
         ctx.save_for_backward(*saved)
         ctx.shapes = [None if pair is None else pair[1] for pair in grads]
@@ -126,11 +135,9 @@ class SavedGradientLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_components):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{ctx.name} does not support double backward (create_graph=True): its "
-                "gradient is computed in the forward and is not itself differentiable"
-            )
+        refuse_double_backward(ctx.name)
+        if grad_output is None:  # only the detached components were used downstream
+            return (None,) * (2 + len(ctx.shapes))
         try:
             saved = iter(ctx.saved_tensors)
         except RuntimeError as error:  # the version check: this backward already ran once

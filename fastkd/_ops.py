@@ -18,7 +18,8 @@ import torch
 from . import _torch_backend
 from ._spec import NUM_ROW_STATS, LossOptions
 
-__all__ = ["BACKENDS", "kd_rows", "kd_rows_into", "scale_rows_", "select_backend"]
+__all__ = ["BACKENDS", "kd_rows", "kd_rows_into", "mean_weight", "scale_rows_", "select_backend",
+           "sum_row_stats"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -120,6 +121,33 @@ def kd_rows_into(student_2d, teacher_2d, labels_1d, weight, options: LossOptions
                 options.divergence, options.temperature, options.alpha, options.beta,
                 options.skew, options.label_smoothing, options.z_loss, options.ignore_index)
     return row_stats, grad_student, grad_teacher
+
+
+@torch.library.custom_op("fastkd::mean_weight", mutates_args=())
+def mean_weight(labels: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 / max(number of labels != ignore_index, 1) as a 0-d `dtype` tensor, in one launch.
+
+    (All rows ignored: weight 1 over a zero sum, so the "mean" loss is 0 rather than 0/0.)
+    """
+    return select_backend(labels.device).mean_weight(labels, ignore_index, dtype)
+
+
+@mean_weight.register_fake
+def _(labels, ignore_index, dtype):
+    return labels.new_empty((), dtype=dtype)
+
+
+@torch.library.custom_op("fastkd::sum_row_stats", mutates_args=())
+def sum_row_stats(row_stats: torch.Tensor, weight: torch.Tensor,
+                  apply_weight: bool) -> torch.Tensor:
+    """The (NUM_ROW_STATS,) column sums of (N, NUM_ROW_STATS) row statistics, times the 0-d
+    weight when apply_weight, in one launch and a fixed order (deterministic)."""
+    return select_backend(row_stats.device).sum_row_stats(row_stats, weight, apply_weight)
+
+
+@sum_row_stats.register_fake
+def _(row_stats, weight, apply_weight):
+    return row_stats.new_empty((row_stats.shape[1],))
 
 
 @torch.library.custom_op("fastkd::scale_rows_", mutates_args=("grad",))

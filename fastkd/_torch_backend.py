@@ -424,6 +424,18 @@ def kd_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teac
                     grad_teacher=grad_teacher[rows] if grad_teacher is not None else None)
 
 
+def mean_weight(labels: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 / max(count of labels != ignore_index, 1), a 0-d `dtype` tensor (fastkd._ops)."""
+    return (labels != ignore_index).sum().clamp(min=1).to(dtype).reciprocal()
+
+
+def sum_row_stats(row_stats: torch.Tensor, weight: torch.Tensor,
+                  apply_weight: bool) -> torch.Tensor:
+    """Column sums of the row statistics, times weight when apply_weight (fastkd._ops)."""
+    totals = row_stats.sum(dim=0)
+    return totals * weight.to(totals.dtype) if apply_weight else totals
+
+
 def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """grad (N, V) *= grad_output, in place; grad_output is a scalar or has N elements."""
     factor = grad_output if grad_output.dim() == 0 else grad_output.reshape(-1, 1)

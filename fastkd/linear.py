@@ -41,6 +41,7 @@ from ._autograd import (
     make_components,
     reduce_rows,
     reduction_weight,
+    refuse_double_backward,
     refuse_function_transforms,
 )
 from ._spec import (
@@ -380,11 +381,7 @@ class _RecomputedRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_components):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{ctx.plan.name} does not support double backward (create_graph=True): its "
-                "gradient is not itself differentiable"
-            )
+        refuse_double_backward(ctx.plan.name)
         inputs = ctx.saved_tensors
         with _no_autocast(inputs[0].device):
             _, _, grads = _run_chunks(ctx.plan, ctx.plan.wants, grad_output.reshape(-1),

@@ -472,26 +472,67 @@ def _store_zero_grads(
 
 
 @triton.jit
+def _store_row_stats(stats_row, row_loss, divergence, ce, lse):
+    """The (N, 4) row statistics' columns: loss, D, CE, lse^2 (fastkd._spec.ROW_*)."""
+    tl.store(stats_row, row_loss)
+    tl.store(stats_row + 1, divergence)
+    tl.store(stats_row + 2, ce)
+    tl.store(stats_row + 3, lse * lse)
+
+
+@triton.jit
+def _label_logit(s_row, student_col_stride, label, V, HAS_LABELS: tl.constexpr):
+    """(s[label], label in [0, V)). Out-of-range labels never touch memory; their NaN makes the
+    caller's bug visible."""
+    s_label = tl.full((), float("nan"), tl.float32)
+    in_range = tl.full((), 1, tl.int1)  # without labels nothing is out of range
+    if HAS_LABELS:
+        in_range = (label >= 0) & (label < V)
+        s_label = tl.load(s_row + label * student_col_stride, mask=in_range,
+                          other=float("nan")).to(tl.float32)
+    return s_label, in_range
+
+
+@triton.jit
 def _row_loss_terms(
     s_row, student_col_stride, label, V, m_s, log2_z1, sum_s, divergence, temperature, alpha,
     label_smoothing, z_loss, HAS_LABELS: tl.constexpr, SMOOTHING: tl.constexpr,
 ):
-    """(loss, CE, lse, in_range) of a counted row from its statistics and D."""
+    """(loss, CE, lse, label in range) of a counted row from its statistics and D."""
+    s_label, in_range = _label_logit(s_row, student_col_stride, label, V, HAS_LABELS)
+    row_loss, ce, lse, _, _, _, _ = _row_loss_and_coefficients(
+        s_label, in_range, V, m_s, log2_z1, sum_s, divergence, 1.0, temperature, alpha,
+        label_smoothing, z_loss, HAS_LABELS, SMOOTHING,
+    )
+    return row_loss, ce, lse, in_range
+
+
+@triton.jit
+def _row_loss_and_coefficients(
+    s_label, in_range, V, m_s, log2_z1, sum_s, divergence, weight, temperature, alpha,
+    label_smoothing, z_loss, HAS_LABELS: tl.constexpr, SMOOTHING: tl.constexpr,
+):
+    """The row's (loss, CE, lse) and the coefficients of its stored gradient (_block_grads):
+    coef_div = w a T, coef_p1 = w ((1 - a) + 2 z lse), coef_label = w (1 - a)(1 - eps),
+    coef_uniform = w (1 - a) eps / V."""
     lse = m_s + LN2 * log2_z1
     row_loss = alpha * temperature * temperature * divergence + z_loss * lse * lse
     ce = tl.zeros((), tl.float32)
-    in_range = tl.full((), 1, tl.int1)
+    coef_div = weight * alpha * temperature
+    coef_p1 = weight * 2.0 * z_loss * lse
+    coef_label = tl.zeros((), tl.float32)
+    coef_uniform = tl.zeros((), tl.float32)
     if HAS_LABELS:
-        in_range = (label >= 0) & (label < V)
-        # Out-of-range labels never touch memory; their NaN makes the caller's bug visible.
-        s_label = tl.load(
-            s_row + label * student_col_stride, mask=in_range, other=float("nan")
-        ).to(tl.float32)
         ce = LN2 * log2_z1 - (1.0 - label_smoothing) * (s_label - m_s)
         if SMOOTHING:
             ce -= label_smoothing * sum_s / V
         row_loss += (1.0 - alpha) * ce
-    return row_loss, ce, lse, in_range
+        coef_ce = weight * (1.0 - alpha)
+        # A label outside the vocabulary makes the whole row's gradient NaN, as its loss.
+        coef_p1 += tl.where(in_range, coef_ce, float("nan"))
+        coef_label = coef_ce * (1.0 - label_smoothing)
+        coef_uniform = coef_ce * label_smoothing / V
+    return row_loss, ce, lse, coef_div, coef_p1, coef_label, coef_uniform
 
 
 @triton.jit
@@ -608,26 +649,15 @@ def _kd_loss_fwd_kernel(
         if ONLINE:
             a_sum, b_sum = online_row_sums(divergence, DIVERGENCE)
         log2_z1 = tl.log2(z_1)
-        row_loss, ce, lse, in_range = _row_loss_terms(
-            s_row, student_col_stride, label, V, m_s, log2_z1, sum_s, divergence, temperature,
-            alpha, label_smoothing, z_loss, HAS_LABELS, SMOOTHING,
-        )
-        tl.store(stats_row, row_loss)
-        tl.store(stats_row + 1, divergence)
-        tl.store(stats_row + 2, ce)
-        tl.store(stats_row + 3, lse * lse)
+        s_label, in_range = _label_logit(s_row, student_col_stride, label, V, HAS_LABELS)
+        row_loss, ce, lse, coef_div, coef_p1, coef_label, coef_uniform = \
+            _row_loss_and_coefficients(
+                s_label, in_range, V, m_s, log2_z1, sum_s, divergence, weight, temperature,
+                alpha, label_smoothing, z_loss, HAS_LABELS, SMOOTHING,
+            )
+        _store_row_stats(stats_row, row_loss, divergence, ce, lse)
 
         if STUDENT_GRAD or TEACHER_GRAD:
-            coef_div = weight * alpha * temperature
-            coef_p1 = weight * 2.0 * z_loss * lse
-            coef_label = tl.zeros((), tl.float32)
-            coef_uniform = tl.zeros((), tl.float32)
-            if HAS_LABELS:
-                coef_ce = weight * (1.0 - alpha)
-                # A label outside the vocabulary makes the whole row's gradient NaN, as its loss.
-                coef_p1 += tl.where(in_range, coef_ce, float("nan"))
-                coef_label = coef_ce * (1.0 - label_smoothing)
-                coef_uniform = coef_ce * label_smoothing / V
             if ON_CHIP:
                 grad_s, grad_t = _block_grads(
                     s, t, p, q, e_1 * (1.0 / z_1), a, b, cols, label, m_s, m_t, log2_za,
@@ -676,6 +706,68 @@ def _scale_rows_kernel(
             g = tl.load(g_row + offs * grad_col_stride, mask=mask).to(tl.float32)
             tl.store(g_row + offs * grad_col_stride,
                      (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mean_weight_kernel(
+    labels_ptr, labels_stride,  # (N,) integer class ids
+    n_rows, ignore_index,
+    weight_ptr,  # () out: 1 / max(counted rows, 1)
+    BLOCK: tl.constexpr,
+):
+    counts = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        labels = tl.load(labels_ptr + rows.to(tl.int64) * labels_stride, mask=rows < n_rows,
+                         other=ignore_index)
+        counts += (labels != ignore_index).to(tl.int32)
+    counted = tl.sum(counts, axis=0)
+    tl.store(weight_ptr, 1.0 / tl.maximum(counted, 1).to(tl.float32))
+
+
+@triton.jit
+def _sum_row_stats_kernel(
+    stats_ptr, stats_row_stride,  # (N, COLUMNS) row statistics, unit column stride
+    n_rows,
+    weight_ptr,  # () reduction weight; read with APPLY_WEIGHT only
+    out_ptr,  # (COLUMNS,) out: the column sums
+    COLUMNS: tl.constexpr, APPLY_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    columns = tl.arange(0, COLUMNS)
+    acc = tl.zeros((BLOCK, COLUMNS), out_ptr.dtype.element_ty)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        tile = tl.load(stats_ptr + rows.to(tl.int64)[:, None] * stats_row_stride
+                       + columns[None, :], mask=(rows < n_rows)[:, None], other=0.0)
+        acc += tile.to(out_ptr.dtype.element_ty)
+    totals = tl.sum(acc, axis=0)
+    if APPLY_WEIGHT:
+        totals = totals * tl.load(weight_ptr).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + columns, totals)
+
+
+# The reduction kernels run as one program: a loop over 1024-row tiles keeps them one launch
+# each whatever N is (N is at most a few 100k tokens: tens of microseconds).
+REDUCE_BLOCK = 1024
+
+
+def mean_weight(labels: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 / max(count of labels != ignore_index, 1) as a 0-d tensor, in one launch."""
+    weight = torch.empty((), dtype=torch.float32, device=labels.device)
+    _mean_weight_kernel[(1,)](labels, labels.stride(0) if labels.dim() else 0, labels.numel(),
+                              int(ignore_index), weight, BLOCK=REDUCE_BLOCK, num_warps=4)
+    return weight if dtype == torch.float32 else weight.to(dtype)
+
+
+def sum_row_stats(row_stats: torch.Tensor, weight: torch.Tensor,
+                  apply_weight: bool) -> torch.Tensor:
+    """Column sums of the (N, 4) row statistics, times weight when apply_weight; one launch."""
+    totals = torch.empty((row_stats.shape[1],), dtype=row_stats.dtype, device=row_stats.device)
+    stats = row_stats if row_stats.stride(1) == 1 else row_stats.contiguous()
+    _sum_row_stats_kernel[(1,)](stats, stats.stride(0), stats.shape[0], weight, totals,
+                                COLUMNS=stats.shape[1], APPLY_WEIGHT=apply_weight,
+                                BLOCK=REDUCE_BLOCK // 4, num_warps=4)
+    return totals
 
 
 def forward_config(vocab_size: int) -> dict:

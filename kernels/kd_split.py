@@ -44,9 +44,12 @@ from .kd_loss import (
     LOG2E,
     _block_grads,
     _combine_partials,
+    _label_logit,
     _power,
     _row_label,
+    _row_loss_and_coefficients,
     _safe_max,
+    _store_row_stats,
     kernel_flags,
 )
 
@@ -118,10 +121,8 @@ def _split_kernel(
                 tl.float32)
             t = tl.load(t_row + cols * teacher_col_stride, mask=mask, other=neg_inf).to(
                 tl.float32)
-            in_range = (label >= 0) & (label < V)
             # Read before any member writes a gradient (which may overwrite the logits).
-            s_label = tl.load(s_row + label * student_col_stride, mask=in_range,
-                              other=float("nan")).to(tl.float32)
+            s_label, in_range = _label_logit(s_row, student_col_stride, label, V, HAS_LABELS)
             slice_max_s = tl.max(s, axis=0)
             slice_max_t = tl.max(t, axis=0)
             m_s = _safe_max(slice_max_s)
@@ -193,29 +194,14 @@ def _split_kernel(
                 b_sum = tl.sum(tl.load(group_row + 10, mask=part_mask, other=0.0), axis=0)
             else:
                 a_sum, b_sum = online_row_sums(divergence, DIVERGENCE)
-            lse = row_m_s + LN2 * log2_z1
-            row_loss = alpha * temperature * temperature * divergence + z_loss * lse * lse
-            ce = tl.zeros((), tl.float32)
-            if HAS_LABELS:
-                ce = LN2 * log2_z1 - (1.0 - label_smoothing) * (s_label - row_m_s)
-                if SMOOTHING:
-                    ce -= label_smoothing * sum_s / V
-                row_loss += (1.0 - alpha) * ce
+            row_loss, ce, lse, coef_div, coef_p1, coef_label, coef_uniform = \
+                _row_loss_and_coefficients(
+                    s_label, in_range, V, row_m_s, log2_z1, sum_s, divergence, weight,
+                    temperature, alpha, label_smoothing, z_loss, HAS_LABELS, SMOOTHING,
+                )
             if member == 0:
-                tl.store(stats_row, row_loss)
-                tl.store(stats_row + 1, divergence)
-                tl.store(stats_row + 2, ce)
-                tl.store(stats_row + 3, lse * lse)
+                _store_row_stats(stats_row, row_loss, divergence, ce, lse)
             if STUDENT_GRAD or TEACHER_GRAD:
-                coef_div = weight * alpha * temperature
-                coef_p1 = weight * 2.0 * z_loss * lse
-                coef_label = tl.zeros((), tl.float32)
-                coef_uniform = tl.zeros((), tl.float32)
-                if HAS_LABELS:
-                    coef_ce = weight * (1.0 - alpha)
-                    coef_p1 += tl.where(in_range, coef_ce, float("nan"))
-                    coef_label = coef_ce * (1.0 - label_smoothing)
-                    coef_uniform = coef_ce * label_smoothing / V
                 grad_s, grad_t = _block_grads(
                     s, t, p, q, p_1, a, b, cols, label, row_m_s, row_m_t, log2_za, log2_zb,
                     divergence, a_sum, b_sum, inv_t, coef_div, coef_p1, coef_label,

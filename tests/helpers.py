@@ -66,7 +66,7 @@ def least_precise(*dtypes: torch.dtype) -> torch.dtype:
 MAX_ERRORS: dict[str, dict[str, float]] = {}
 
 
-def _record(key: str, abs_err: float, rel_err: float) -> None:
+def record_error(key: str, abs_err: float, rel_err: float) -> None:
     entry = MAX_ERRORS.setdefault(key, {"abs": 0.0, "rel": 0.0})
     entry["abs"] = max(entry["abs"], abs_err)
     entry["rel"] = max(entry["rel"], rel_err)
@@ -109,7 +109,7 @@ def assert_close(actual, expected, tol: Tol, *, what: str, record: str | None = 
     if record is not None and scale > 1e3 * floor:
         # Gradients that underflow the stored dtype are the floor's business, not a precision
         # figure worth reporting.
-        _record(record, error.max().item(), error.max().item() / scale)
+        record_error(record, error.max().item(), error.max().item() / scale)
     bound = tol.atol * scale + tol.rtol * expected.abs() + floor
     worst = (error - bound).argmax()
     assert bool((error <= bound).all()), (

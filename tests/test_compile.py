@@ -120,6 +120,9 @@ def test_custom_op_passes_opcheck(student_grad):
         )
     grad = torch.randn(6, 37, generator=gen)
     torch.library.opcheck(torch.ops.fastkd.scale_rows_.default, (grad, torch.tensor(0.5)))
+    torch.library.opcheck(torch.ops.fastkd.mean_weight.default, (labels, -100, torch.float32))
+    torch.library.opcheck(torch.ops.fastkd.sum_row_stats.default,
+                          (torch.randn(6, 4, generator=gen), weight, student_grad))
 
 
 @requires_cuda

@@ -19,6 +19,7 @@ from helpers import (
     make_labels,
     make_logits,
     random_grad_output,
+    record_error,
     run_loss,
     tolerance,
 )
@@ -82,6 +83,7 @@ def _run_case(case, device):
     check_against_truth(actual, truth, student_dtype=student_dtype, teacher_dtype=teacher_dtype,
                         backend=backend, teacher_grad=case["teacher_grad"], what=what,
                         grad_slack=4.0 if case["divergence"] == "tvd" else 1.0)
+    _record_errors(case["divergence"], backend, student_dtype, actual, truth)
     parts = fastkd.kd_loss(student, teacher, labels, return_components=True, **options)
     loss_tol = tolerance(min(student_dtype, teacher_dtype, key=lambda d: torch.finfo(d).bits),
                          "loss", backend)
@@ -90,6 +92,20 @@ def _run_case(case, device):
         assert not got.requires_grad
         assert_close(got, expected, loss_tol, what=f"{what} {name}", scale_floor=1.0)
     assert_close(parts.loss, truth.loss, loss_tol, what=f"{what} loss", scale_floor=1.0)
+
+
+def _record_errors(divergence, backend, dtype, actual, truth):
+    """Per-divergence largest errors for the suite's error report (FASTKD_TEST_ERROR_REPORT)."""
+    for quantity, got, expected in (("loss", actual.loss, truth.loss),
+                                    ("grad_student", actual.grad_student, truth.grad_student)):
+        got, expected = got.detach().double().cpu(), expected.double()
+        finite = expected.isfinite()
+        if finite.any():
+            error = (got[finite] - expected[finite]).abs().max().item()
+            scale = max(expected[finite].abs().max().item(), 1.0 if quantity == "loss" else 0.0)
+            if scale > 0:
+                record_error(f"{divergence} {backend} {str(dtype).removeprefix('torch.')} "
+                             f"{quantity}", error, error / scale)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c['divergence']}-{i}" for i, c in

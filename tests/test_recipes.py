@@ -40,7 +40,7 @@ def _plain_loop(loss_fn, steps=3):
         with torch.no_grad():
             teacher_logits = teacher(batch["input_ids"]).logits
         student_logits = student(batch["input_ids"]).logits
-        loss = loss_fn(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:])
+        loss = loss_fn(student_logits, teacher_logits, fastkd.shift_labels(batch["labels"]))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -71,7 +71,7 @@ class DistillTrainer(transformers.Trainer):
         outputs = model(**inputs)
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs).logits
-        loss = self.kd(outputs.logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:])
+        loss = self.kd(outputs.logits, teacher_logits, fastkd.shift_labels(labels))
         return (loss, outputs) if return_outputs else loss
 
 

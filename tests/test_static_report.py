@@ -35,7 +35,7 @@ BUDGETS = {
     "kd_fwd bf16 LLM labels s-grad T=2 skew_kl": Budget(169.625, 11.25, 60, 4),
     "kd_fwd bf16 LLM labels s-grad T=2 skew_reverse_kl": Budget(168.5, 10.25, 59, 4),
     # On-chip rows.
-    "kd_fwd bf16 on-chip 4096 labels s-grad T=2 forward_kl": Budget(57.625, 2.0, 80, 3),
+    "kd_fwd bf16 on-chip 4096 labels s-grad T=2 forward_kl": Budget(57.688, 2.0, 80, 3),
     "kd_fwd bf16 on-chip 4096 labels s-grad T=1 forward_kl": Budget(49.875, 2.0, 77, 3),
     "kd_fwd bf16 on-chip 8192 labels s-grad T=2 forward_kl": Budget(59.062, 2.0, 86, 1),
     "kd_fwd bf16 on-chip 8192 labels s-grad T=1 forward_kl": Budget(50.688, 2.0, 85, 1),
@@ -44,18 +44,21 @@ BUDGETS = {
     "kd_fwd bf16 on-chip 8192 labels s-grad T=2 tvd": Budget(63.188, 2.0, 89, 1),
     "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_kl": Budget(127.5, 5.0, 128, 1),
     "kd_fwd bf16 on-chip 8192 labels s-grad T=2 skew_reverse_kl": Budget(131.188, 5.0, 93, 1),
+    # Long rows split over co-resident programs (FASTKD_LONG_ROWS=split).
+    "kd_split bf16 LLM labels s-grad T=2 forward_kl": Budget(63.938, 2.312, 98, 1),
     # Vocab-parallel shards: statistics, row sums (JSD, TVD, skew), gradient.
     "vp_stats bf16 shard labels T=2 forward_kl": Budget(23.375, 2.25, 73, 3),
     "vp_stats bf16 shard labels T=1 forward_kl": Budget(21.75, 2.25, 64, 4),
     "vp_sums bf16 shard labels T=2 jsd": Budget(77.188, 4.0, 58, 4),
     "vp_grads bf16 shard labels s-grad T=2 forward_kl": Budget(15.125, 2.0, 32, 8),
     "vp_grads bf16 shard labels s-grad T=1 forward_kl": Budget(14.125, 2.0, 32, 8),
-    # Backward's scale by grad_output.
-    # Sparse top-k teachers (k = 64): on-chip rows and the loop of LLM vocabularies.
+    # Sparse top-k teachers: on-chip rows and the loop of LLM vocabularies.
     "kd_topk bf16 on-chip 8192 labels s-grad T=2 renormalize k=64": Budget(53.688, 2.312, 64, 2),
     "kd_topk bf16 on-chip 8192 labels s-grad T=2 bucket k=64": Budget(79.625, 2.25, 110, 1),
     "kd_topk bf16 LLM labels s-grad T=2 renormalize k=64": Budget(41.125, 4.25, 48, 5),
     "kd_topk bf16 LLM labels s-grad T=2 bucket k=64": Budget(29.062, 2.062, 125, 2),
+    "kd_topk bf16 LLM labels s-grad T=1 bucket k=64": Budget(27.062, 1.062, 127, 2),
+    # Backward's scale by grad_output.
     "scale_rows bf16 scalar": Budget(3.938, 0.0, 31, 16),
 }
 
@@ -67,10 +70,6 @@ TARGETS = [
                  Budget(None, None, 64, 2),
                  marks=pytest.mark.xfail(strict=True, reason="86 registers: 1 CTA per SM")),
 ]
-
-# Configurations that spill on sm_90a, with their stack + local bytes as upper bounds; every
-# other core configuration must not spill at all. Remove an entry when its kernel stops spilling.
-KNOWN_SPILLS: dict[str, int] = {}
 
 REQUIRED_FIELDS = {
     "arch": str, "kernel": str, "dtype": str, "long_rows": bool, "default": bool,
@@ -139,12 +138,9 @@ def test_no_register_spills_on_sm90a(sm90_rows):
     spilling = [
         f"{r['config']}: {r['registers']} registers, {r['spill_bytes']} B stack/local, "
         f"{r['local_loads']} LDL / {r['local_stores']} STL"
-        for r in sm90_rows
-        if (r["spill_bytes"] > KNOWN_SPILLS.get(r["config"], 0)
-            or (r["config"] not in KNOWN_SPILLS and (r["local_loads"] or r["local_stores"])))
+        for r in sm90_rows if r["spill_bytes"] or r["local_loads"] or r["local_stores"]
     ]
     assert not spilling, "register spills:\n" + "\n".join(spilling)
-    assert set(KNOWN_SPILLS) <= set(_by_name(sm90_rows))
 
 
 def test_per_element_counts_follow_the_launch(sm90_rows):

@@ -15,15 +15,18 @@ What is measured, with the cuobjdump from the triton wheel: registers, stack fra
 memory (spill_bytes) from the resource usage; from the SASS:
 
 - Loops are found by their backward branches: a `BRA` to a lower address closes a loop whose
-  body is [target, branch]. Element loops are the innermost loops that contain a global load
-  (LDG); the ignored-row loop that only stores zeros has none, nor does the trap `BRA` to
-  itself after the last `EXIT`.
-- long_rows kernels (rows streamed block by block): per-element counts are the element loop
-  bodies' instructions (NOPs excluded), MUFU.EX2, and LDG/STG bytes (from each instruction's
-  width: .128 = 16 bytes, .64 = 8, .U16 = 2, plain = 4), summed over the element loops (both
-  sweeps of a two-sweep kernel) and divided by the elements one thread handles per iteration,
-  BLOCK / (32 * num_warps). A long_rows kernel without an element loop would have zero
-  per-element counts.
+  body is [target, branch]. Element loops are the loops with a plain global load (LDG; a loop
+  whose only loads are the .STRONG polls of a wait on a counter does not count) that contain no
+  other such loop; the ignored-row loop that only stores zeros has no load, nor does the trap
+  `BRA` to itself after the last `EXIT`.
+- long_rows kernels (rows streamed block by block, or a persistent loop over rows): per-element
+  counts are the instructions (NOPs excluded), MUFU.EX2, and LDG/STG bytes (from each
+  instruction's width: .128 = 16 bytes, .64 = 8, .U16 = 2, plain = 4) of one iteration of each
+  element loop (the longest path through its body, inner loops cut at their back edge), summed
+  over the element loops (both sweeps of a two-sweep kernel) and divided by the elements one
+  thread handles per iteration, BLOCK / (32 * num_warps). A long_rows kernel without an
+  element loop would have zero per-element counts. Per-row work inside an element loop (the
+  split kernel's statistics exchange) counts as if every thread issued it.
 - On-chip kernels (the whole row in registers): the same counts along the longest path from the
   kernel's entry to an exit (the branch graph with loops cut at their back edge and calls not
   followed: what a counted row executes, its per-row prologue and epilogue included, the
@@ -94,8 +97,9 @@ class Case:
     divergence: str = "forward_kl"
     label_smoothing: float = 0.0
     per_row_scale: bool = False  # scale_rows: grad_output with one value per row ("none")
-    tail: str = "renormalize"  # kd_topk: how the teacher's mass outside its top k is read
-    k: int = 64  # kd_topk: teacher entries per row
+    k: int = 0  # top-k teachers: entries per row
+    tail: str = "bucket"  # top-k teachers: "bucket" or "renormalize"
+    stored_tail: bool = False  # top-k teachers: a stored tail log-prob per row
 
     @property
     def temperature_is_one(self) -> bool:
@@ -124,7 +128,8 @@ class Kernel:
     full: tuple = ({},)
     core: tuple = ()
     long_rows: Callable[[dict], bool] = lambda constexprs: True  # from the captured constexprs
-    default: Callable[[str], bool] = lambda vocab_class: False  # auto's pick for LLM vocab
+    # Whether auto runs it for LLM vocabularies: (vocab class, case) -> bool.
+    default: Callable[[str, Case], bool] = lambda vocab_class, case: False
     block: str = "BLOCK_V"  # constexpr: row elements one program handles per iteration
 
 
@@ -216,9 +221,29 @@ def _launch_kd_topk(case: Case) -> None:
     student, _, labels, weight, grad_student, _ = _stand_in_rows(case)
     ids = torch.zeros(STAND_IN_ROWS, case.k, dtype=torch.int64)
     values = torch.zeros(STAND_IN_ROWS, case.k, dtype=student.dtype)
+    tail_logprob = torch.zeros(STAND_IN_ROWS) if case.stored_tail else None
     row_stats = torch.empty(STAND_IN_ROWS, NUM_ROW_STATS, dtype=torch.float32)
-    kd_topk.topk_rows(student, ids, values, None, labels, weight, row_stats, grad_student,
-                      tail=case.tail, options=case.options())
+    kd_topk.topk_rows(student, ids, values, tail_logprob, labels, weight, row_stats,
+                      grad_student, tail=case.tail, options=case.options())
+
+
+def _launch_kd_split(case: Case) -> None:
+    import torch
+
+    from fastkd._spec import NUM_ROW_STATS
+    from fastkd.kernels import kd_split
+
+    student, teacher, labels, weight, grad_student, grad_teacher = _stand_in_rows(case)
+    row_stats = torch.empty(STAND_IN_ROWS, NUM_ROW_STATS, dtype=torch.float32)
+    kd_split.split_rows(student, teacher, labels, weight, row_stats, grad_student,
+                        grad_teacher, case.options())
+
+
+def _auto_long_rows(vocab: int) -> str:
+    """The long-row strategy auto picks for `vocab` (kernels/kd_loss.py's measured table)."""
+    from fastkd.kernels import kd_loss
+
+    return kd_loss.AUTO_LONG_ROWS.get(vocab, "loop")
 
 
 def _launch_scale_rows(case: Case) -> None:
@@ -280,7 +305,8 @@ KERNELS: dict[str, Kernel] = {
                "label_smoothing": (0.0,)},
               {**_EVERY_DIVERGENCE, "vocab": ("on-chip 8192", "LLM")}),
         long_rows=lambda constexprs: not constexprs["ON_CHIP"],
-        default=lambda vocab_class: vocab_class == "LLM",
+        default=lambda vocab_class, case: (vocab_class == "LLM"
+                                           and _auto_long_rows(case.vocab) == "loop"),
     ),
     # Vocab-parallel: statistics sweep over a shard (kernel 1); after the all-gather, for the
     # divergences that need them, the shard's row sums (kernel 2); then the shard's gradient
@@ -316,18 +342,40 @@ KERNELS: dict[str, Kernel] = {
         full=_FULL,
         core=(_CORE_TRAINING,),
     ),
-    # Sparse top-k teachers: one read of the student row, k gathered entries, a dense gradient
-    # store with the k corrections; on-chip rows and the looping kernel of LLM vocabularies.
+    # Sparse teachers: k stored (id, value) entries per row against the dense student.
     "kd_topk": Kernel(
         jit="fastkd.kernels.kd_topk:_kd_topk_kernel",
         launch=_launch_kd_topk,
         axes={"dtype": DTYPES, "vocab": ("on-chip 8192", "LLM"), "has_labels": (True, False),
               "grads": ((True, False), (False, False)), "temperature": (2.0, 1.0),
-              "tail": ("renormalize", "bucket")},
+              "k": (64, 2048), "tail": ("bucket", "renormalize"), "stored_tail": (False, True)},
         vocab_classes={"on-chip 8192": 8000, "LLM": 128256},
-        core=({"dtype": ("bf16",), "has_labels": (True,), "grads": ((True, False),)},),
+        full=({"has_labels": (True,), "grads": ((True, False),), "stored_tail": (False,)},
+              {"k": (64,), "tail": ("bucket",), "temperature": (2.0,)}),
+        # Both tails with one chunk of entries (k = 64) at T = 2, bucket at T = 1, and several
+        # chunks (k = 2048) on the loop.
+        core=({"dtype": ("bf16",), "has_labels": (True,), "grads": ((True, False),),
+               "temperature": (2.0,), "k": (64,), "stored_tail": (False,)},
+              {"dtype": ("bf16",), "vocab": ("LLM",), "has_labels": (True,),
+               "grads": ((True, False),), "k": (64,), "tail": ("bucket",),
+               "stored_tail": (False,)},
+              {"dtype": ("fp32",), "vocab": ("LLM",), "has_labels": (True,),
+               "grads": ((True, False),), "temperature": (2.0,), "k": (2048,),
+               "tail": ("renormalize",), "stored_tail": (False,)}),
         long_rows=lambda constexprs: not constexprs["ON_CHIP"],
-        default=lambda vocab_class: vocab_class == "LLM",
+        default=lambda vocab_class, case: vocab_class == "LLM",
+    ),
+    # Long rows split over co-resident programs (FASTKD_LONG_ROWS=split): one persistent,
+    # cooperative launch; each program keeps its slice of a row in registers.
+    "kd_split": Kernel(
+        jit="fastkd.kernels.kd_split:_split_kernel",
+        launch=_launch_kd_split,
+        axes={"dtype": DTYPES, "vocab": ("LLM", "LLM 128256"), **_FLAGS},
+        vocab_classes={"LLM": 32000, "LLM 128256": 128256},
+        full=_FULL,
+        core=({**_CORE_TRAINING, "vocab": ("LLM",), "temperature": (2.0,)},),
+        block="SLICE",
+        default=lambda vocab_class, case: _auto_long_rows(case.vocab) == "split",
     ),
     # Backward: the saved gradient times grad_output (skipped on the device when it is 1).
     "scale_rows": Kernel(
@@ -364,8 +412,8 @@ class Config:
             parts.append(case.divergence)
         if case.label_smoothing:
             parts.append(f"smoothing={case.label_smoothing:g}")
-        if "tail" in axes:
-            parts.append(f"{case.tail} k={case.k}")
+        if case.k:
+            parts.append(f"{case.tail} k={case.k}" + (" stored-tail" if case.stored_tail else ""))
         return " ".join(parts)
 
     def to_dict(self) -> dict:
@@ -412,9 +460,14 @@ def shipped_configs(archs=("sm_80", "sm_90a"), dtypes=DTYPES, scope: str = "full
 
 # ----- capture, compile, analyse -----
 
+class _Captured(Exception):
+    """Raised out of the launcher once the kernel of interest has been captured."""
+
+
 @contextlib.contextmanager
-def _captured_launches():
-    """Within the block, `kernel[grid](...)` records (kernel, args, kwargs) instead of launching."""
+def _captured_launches(target):
+    """Within the block, `kernel[grid](...)` (and `kernel.warmup(...)`) records (kernel, args,
+    kwargs) instead of compiling or launching; reaching `target` ends the launcher's call."""
     from triton.runtime.jit import JITFunction
 
     launches = []
@@ -422,10 +475,14 @@ def _captured_launches():
 
     def capture(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs))
+        if self is target:
+            raise _Captured
 
     JITFunction.run = capture
     try:
         yield launches
+    except _Captured:
+        pass
     finally:
         JITFunction.run = original
 
@@ -441,7 +498,7 @@ def capture_launch(config: Config):
     """(JITFunction, args, kwargs) of the launch the shipped launcher makes for `config`."""
     entry = KERNELS[config.kernel]
     target = _resolve(entry.jit)
-    with _captured_launches() as launches:
+    with _captured_launches(target) as launches:
         entry.launch(config.case)
     matching = [launch for launch in launches if launch[0] is target]
     if len(matching) != 1:
@@ -492,13 +549,14 @@ def find_loops(instructions) -> list[tuple[int, int]]:
 
 
 def element_loops(instructions) -> list[tuple[int, int]]:
-    """The innermost loops that read global memory: the sweeps over a row's elements."""
-    loops = find_loops(instructions)
-    innermost = [loop for loop in loops
-                 if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1]
-                            for other in loops)]
-    return [(first, last) for first, last in innermost
-            if any(ins.base == "LDG" for ins in instructions if first <= ins.address <= last)]
+    """The loops over a row's elements: loops with a plain global load (not only the .STRONG
+    polls of a loop that waits on a counter) that contain no other such loop."""
+    reading = [(first, last) for first, last in find_loops(instructions)
+               if any(ins.base == "LDG" and "STRONG" not in ins.opcode.split(".")
+                      for ins in instructions if first <= ins.address <= last)]
+    return [loop for loop in reading
+            if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1]
+                       for other in reading)]
 
 
 def longest_path(instructions) -> list[Instruction]:
@@ -550,7 +608,9 @@ def per_element(instructions, elements_per_thread: float, long_rows: bool) -> di
     """Per-element instructions, EX2 and global bytes (method in the module docstring)."""
     if long_rows:
         loops = element_loops(instructions)
-        body = [ins for ins in instructions if any(a <= ins.address <= b for a, b in loops)]
+        # One iteration of each: the longest path through its body, inner loops cut.
+        body = [ins for first, last in loops
+                for ins in longest_path([i for i in instructions if first <= i.address <= last])]
     else:
         loops = []
         body = longest_path(instructions)
@@ -677,7 +737,7 @@ def measure(config: Config) -> dict:
             partial.replace(cache)
         row.update({
             "long_rows": long_rows,
-            "default": bool(entry.default(config.vocab_class)),
+            "default": bool(entry.default(config.vocab_class, config.case)),
             "num_warps": num_warps,
             "block": block,
             "elements_per_thread": elements_per_thread,
