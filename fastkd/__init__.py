@@ -7,10 +7,10 @@ from ._spec import DIVERGENCES
 from .functional import kd_loss
 from .linear import LinearKDLoss, linear_kd_loss
 from .module import KDLoss
-from .topk import TopKKDLoss, teacher_topk, topk_kd_loss
+from .topk import TopKKDLoss, linear_topk_kd_loss, teacher_topk, topk_kd_loss
 
 __version__ = "0.2.0"
 
 __all__ = ["DIVERGENCES", "KDLoss", "KDLossComponents", "LinearKDLoss", "TopKKDLoss", "kd_loss",
-           "linear_kd_loss", "reference", "shift_labels", "teacher_topk", "topk_kd_loss",
-           "__version__"]
+           "linear_kd_loss", "linear_topk_kd_loss", "reference", "shift_labels", "teacher_topk",
+           "topk_kd_loss", "__version__"]

@@ -4,22 +4,25 @@
 entries as ids and values (stored offline, or from ``teacher_topk``). One read of the student row,
 k gathered entries and one write of the gradient: no teacher logits anywhere. The derivation of
 the loss and of its (dense) gradient is in the comment block of ``fastkd/kernels/kd_topk.py``;
-this file holds the PyTorch backend of the same math, the custom op and the public API.
+this file holds the PyTorch backend of the same math, the custom op and the public API, and
+``linear_topk_kd_loss``, the same loss from hidden states on fastkd.linear's chunk loop.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import _ops
+from . import _ops, linear
 from ._autograd import (
     SavedGradientLoss,
     make_components,
     reduce_rows,
     reduction_weight,
+    refuse_double_backward,
     refuse_function_transforms,
 )
 from ._dense import can_hold_its_gradient, rows_view
@@ -29,8 +32,10 @@ from ._spec import (
     LossOptions,
     LossSpec,
     check_inplace_flag,
+    check_labels,
     check_logits,
     check_loss_options,
+    check_normalizer,
     validate_kd_call,
 )
 from ._torch_backend import (
@@ -42,7 +47,7 @@ from ._torch_backend import (
     row_statistics,
 )
 
-__all__ = ["topk_kd_loss", "TopKKDLoss", "teacher_topk", "TAILS"]
+__all__ = ["topk_kd_loss", "TopKKDLoss", "teacher_topk", "linear_topk_kd_loss", "TAILS"]
 
 TAILS = ("renormalize", "bucket")
 
@@ -465,6 +470,174 @@ class TopKKDLoss(nn.Module):
         return (f"temperature={self.temperature}, alpha={self.alpha}, tail={self.tail!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+# --- fused linear ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LinearTopKPlan:
+    """One validated linear_topk_kd_loss call: the student head's plan and the teacher's k."""
+
+    head: linear.LinearPlan  # the student head's plan (its teacher fields are unused)
+    tail: str
+    k: int
+    name: str = "fastkd.linear_topk_kd_loss"
+
+
+def _run_linear_topk(plan: LinearTopKPlan, wants, row_scale, hidden, weight, bias, ids, values,
+                     tail_logprob, labels):
+    """(loss, components, grads) chunk by chunk: the student's logits of one chunk exist at a
+    time, the top-k op writes their gradient over them, and the head takes its share of dH, dW,
+    db (fastkd.linear's chunk machinery). row_scale, when given, multiplies each row's gradient
+    (reduction="none", in backward)."""
+    head = plan.head
+    options, device, cdtype = head.options, hidden.device, head.compute_dtype
+    n_rows, vocab, chunk = hidden.shape[0], head.vocab, head.chunk
+    student = linear._Head(hidden, weight, bias, 0, head, wants)
+    w = reduction_weight(labels, options, head.leading_shape, head.normalizer, device, cdtype)
+    stats = torch.empty((n_rows, NUM_ROW_STATS), dtype=cdtype, device=device)
+    logits = torch.empty((min(chunk, n_rows), vocab), dtype=cdtype, device=device)
+    for start in range(0, n_rows, chunk):
+        rows = slice(start, min(start + chunk, n_rows))
+        z = student.logits(rows.start, rows.stop, logits[: rows.stop - rows.start])
+        grad = z if student.wants_grad else None  # written over the chunk's logits
+        topk_rows(z, ids[rows], values[rows],
+                  tail_logprob[rows] if tail_logprob is not None else None,
+                  labels[rows] if labels is not None else None, w, stats[rows], grad, plan.tail,
+                  options.temperature, options.alpha, options.label_smoothing, options.z_loss,
+                  options.ignore_index)
+        if grad is not None:
+            if row_scale is not None:
+                grad.mul_(row_scale[rows, None].to(cdtype))
+            student.backprop(grad, rows.start, rows.stop)
+    loss, components = reduce_rows(stats, w, options, head.leading_shape, head.normalizer)
+    return loss, components, (*student.grads(), None, None, None, None)
+
+
+def _run_linear_topk_saved(plan: LinearTopKPlan, *inputs):
+    return _run_linear_topk(plan, plan.head.wants[:3], None, *inputs)
+
+
+class _LinearTopKRecomputed(torch.autograd.Function):
+    """reduction="none": the forward computes the row losses only; backward runs the chunks
+    again with grad_output as row weights (a per-row factor cannot rescale dW afterwards)."""
+
+    @staticmethod
+    def forward(ctx, plan, *inputs):
+        loss, components, _ = _run_linear_topk(plan, (False,) * 3, None, *inputs)
+        ctx.mark_non_differentiable(components)
+        ctx.plan = plan
+        ctx.save_for_backward(*inputs)
+        return loss, components
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_components):
+        refuse_double_backward(ctx.plan.name)
+        inputs = ctx.saved_tensors
+        with linear._no_autocast(inputs[0].device):
+            _, _, grads = _run_linear_topk(ctx.plan, ctx.plan.head.wants[:3],
+                                           grad_output.reshape(-1), *inputs)
+        return (None, *(None if g is None else g[0].view(g[1]) for g in grads))
+
+
+def linear_topk_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_values: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    tail: str = "renormalize",
+    teacher_tail_logprob: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | torch.Tensor | None = None,
+    return_components: bool = False,
+):
+    """:func:`topk_kd_loss` straight from the student's hidden states and lm_head weight.
+
+    The student's logits exist one chunk of rows at a time, as in
+    :func:`fastkd.linear_kd_loss`, and the teacher is its top-k entries. Equal to::
+
+        z = student_logit_scale * F.linear(student_hidden.float(), student_weight.float(),
+                                           student_bias)
+        if student_softcap is not None:
+            z = student_softcap * torch.tanh(z / student_softcap)
+        loss = fastkd.topk_kd_loss(z, teacher_topk_ids, teacher_topk_values, labels, ...)
+
+    Args:
+        student_hidden: (..., H) hidden states; student_weight (V, H), student_bias (V,) or None.
+            A DTensor weight (FSDP2) is gathered once per call.
+        teacher_topk_ids, teacher_topk_values, teacher_tail_logprob, tail: the teacher's entries,
+            as in :func:`topk_kd_loss` (the leading shape is the hidden states').
+        student_logit_scale, student_softcap, chunk_size: as in :func:`fastkd.linear_kd_loss`.
+        The other options: as in :func:`topk_kd_loss`.
+
+    Per chunk of C rows: one GEMM for the logits, the top-k op (which writes the gradient over
+    them), two GEMMs for dH and dW; backward only scales the saved dH, dW, db by grad_output
+    (reduction="none" runs the chunks again with it as row weights).
+    """
+    device = student_hidden.device if isinstance(student_hidden, torch.Tensor) else None
+    cast_dtype = linear._autocast_dtype(device) if device is not None else None
+    linear._check_head("student", student_hidden, student_weight, student_bias,
+                       cast_dtype is not None)
+    linear._check_bias("student", student_weight, student_bias, cast_dtype is not None)
+    leading_shape = student_hidden.shape[:-1]
+    vocab = student_weight.shape[0]
+    check_labels(labels, leading_shape, device)
+    options = check_loss_options(temperature=temperature, alpha=alpha,
+                                 label_smoothing=label_smoothing, z_loss=z_loss,
+                                 ignore_index=ignore_index, reduction=reduction,
+                                 has_labels=labels is not None)
+    k = _check_topk_inputs(leading_shape, vocab, device, teacher_topk_ids, teacher_topk_values,
+                           tail, teacher_tail_logprob)
+    normalizer = check_normalizer(normalizer, reduction, device)
+    scale = linear._check_scale("student_logit_scale", student_logit_scale)
+    softcap = linear._check_softcap("student_softcap", student_softcap)
+    linear._check_chunk_size(chunk_size)
+    if not isinstance(return_components, bool):
+        raise TypeError(f"return_components must be a bool, got {type(return_components).__name__}")
+    n_rows = math.prod(leading_shape)
+    chunk = (linear.default_chunk_size(n_rows, vocab, device) if chunk_size is None
+             else min(chunk_size, max(n_rows, 1)))
+    student_weight = linear._full_tensor(student_weight, student_hidden.dtype)
+    student_bias = linear._full_tensor(student_bias, student_hidden.dtype)
+    present = [t for t in (student_hidden, student_weight, student_bias) if t is not None]
+    grad_enabled = torch.is_grad_enabled()
+    wants = tuple(grad_enabled and t is not None and t.requires_grad
+                  for t in (student_hidden, student_weight, student_bias))
+    head = linear.LinearPlan(
+        options=options, normalizer=normalizer, leading_shape=leading_shape, vocab=vocab,
+        chunk=chunk, scales=(scale, 1.0), softcaps=(softcap, None), cast_dtype=cast_dtype,
+        compute_dtype=(torch.float32 if cast_dtype is not None
+                       else compute_dtype(*present, teacher_topk_values)),
+        wants=(*wants, False, False, False),
+    )
+    plan = LinearTopKPlan(head=head, tail=tail, k=k)
+    inputs = (student_hidden.reshape(n_rows, student_hidden.shape[-1]), student_weight,
+              student_bias, teacher_topk_ids.reshape(n_rows, k),
+              teacher_topk_values.reshape(n_rows, k),
+              teacher_tail_logprob.reshape(n_rows) if teacher_tail_logprob is not None else None,
+              labels.reshape(n_rows) if labels is not None else None)
+    refuse_function_transforms(*present, teacher_topk_values)
+    with linear._no_autocast(device):
+        if not any(wants):
+            loss, components, _ = _run_linear_topk(plan, wants, None, *inputs)
+        elif reduction == "none":
+            loss, components = _LinearTopKRecomputed.apply(plan, *inputs)
+        else:
+            loss, components = SavedGradientLoss.apply(_run_linear_topk_saved, plan, *inputs)
+    if return_components:
+        return make_components(loss, components)
+    return loss
 
 
 # --- teacher_topk ----------------------------------------------------------------------------

@@ -59,6 +59,8 @@ b_i bytes and a value of b_v bytes:
     k gathered reads of s (cache hits: the row was just read);
     larger V: a second read of s in reverse block order (L2 hits first), 2 to 3 V e + k (b_i + b_v).
 Without a gradient the write disappears. Ignored rows read nothing and write zeros.
+Exponentials per element and sweep: 2 (the T-softmax's and the CE softmax's), 1 when T == 1 or
+T is an integer up to kd_loss.MAX_POWER_TEMPERATURE (the CE ones are then powers of the T ones).
 """
 
 from __future__ import annotations
@@ -72,11 +74,15 @@ from .kd_loss import (
     LN2,
     LOG2E,
     _batched_strides,
+    _label_logit,
+    _power,
     _row_label,
-    _row_loss_terms,
+    _row_loss_and_coefficients,
     _safe_max,
+    _store_row_stats,
     _store_zero_grads,
     forward_config,
+    temperature_power,
 )
 
 __all__ = ["minimal_bytes", "topk_config", "topk_rows"]
@@ -117,16 +123,28 @@ def _member_counts(ids_row, ids_col_stride, values_row, values_col_stride, K, V,
 
 
 @triton.jit
+def _ce_exponentials(s, m, e_t, T_POWER: tl.constexpr):
+    """exp(s - m), the CE softmax's exponentials: the T ones at T = 1, their T-th power for
+    integer T up to kd_loss.MAX_POWER_TEMPERATURE (exp(d) = exp(d / T)^T, no exp2), else exp2."""
+    if T_POWER == 1:
+        return e_t
+    elif T_POWER == 0:
+        return tl.exp2((s - m) * LOG2E)
+    else:
+        return _power(e_t, T_POWER)
+
+
+@triton.jit
 def _entry_grads(s_row, student_col_stride, ids_row, ids_col_stride, values_row,
                  values_col_stride, koffs, K, V, label, m, k_t, inv_t, log2_zt, log2_z1, c_p,
                  log2_zp, s_p, coef_kl, coef_p1, coef_y, shift,
-                 BUCKET: tl.constexpr, T_IS_ONE: tl.constexpr):
+                 BUCKET: tl.constexpr, T_POWER: tl.constexpr):
     """w * dloss/ds at one chunk of entries: (gradient, ids, valid)."""
     v, ids, valid, invalid = _entries(ids_row, ids_col_stride, values_row, values_col_stride,
                                       koffs, koffs < K, V)
     s_k = tl.load(s_row + ids * student_col_stride, mask=valid, other=0.0).to(tl.float32)
     q = tl.exp2((s_k - m) * k_t - log2_zt)
-    if T_IS_ONE:
+    if T_POWER == 1:
         p1 = q
     else:
         p1 = tl.exp2((s_k - m) * LOG2E - log2_z1)
@@ -157,7 +175,9 @@ def _kd_topk_kernel(
     BUCKET: tl.constexpr,  # tail="bucket" (else "renormalize")
     HAS_TAIL: tl.constexpr,  # bucket with a stored tail log-prob per row
     HAS_LABELS: tl.constexpr,
-    T_IS_ONE: tl.constexpr,  # temperature == 1: the CE softmax is the KD softmax
+    # 1: T == 1, the CE softmax is the KD one; 2-4: integer T, the CE exponentials are powers
+    # of the T ones; 0: any other T (one more exp2 per element).
+    T_POWER: tl.constexpr,
     SMOOTHING: tl.constexpr,  # label_smoothing > 0: the centred logit sum is needed
     STUDENT_GRAD: tl.constexpr,
     ON_CHIP: tl.constexpr,  # V <= BLOCK_V: the row stays in registers, read once
@@ -189,10 +209,7 @@ def _kd_topk_kernel(
             m = _safe_max(max_s)
             e_t = tl.exp2((s - m) * k_t)
             z_t = tl.sum(e_t, axis=0)
-            if T_IS_ONE:
-                e_1 = e_t
-            else:
-                e_1 = tl.exp2((s - m) * LOG2E)
+            e_1 = _ce_exponentials(s, m, e_t, T_POWER)
             z_1 = tl.sum(e_1, axis=0)
             sum_s = tl.sum(tl.where(mask, s - m, 0.0), axis=0)
             if BUCKET:
@@ -219,9 +236,12 @@ def _kd_topk_kernel(
                 rescale_t = tl.exp2((max_s - m_new) * k_t)
                 e_t = tl.exp2((s - m_new) * k_t)
                 z_t = z_t * rescale_t + tl.sum(e_t, axis=0)
-                if not T_IS_ONE:
+                if T_POWER == 0:
                     z_1 = z_1 * tl.exp2((max_s - m_new) * LOG2E) + tl.sum(
                         tl.exp2((s - m_new) * LOG2E), axis=0)
+                elif T_POWER > 1:
+                    z_1 = z_1 * _power(rescale_t, T_POWER) + tl.sum(_power(e_t, T_POWER),
+                                                                    axis=0)
                 if SMOOTHING:
                     # `start` elements were centred on the previous maximum.
                     sum_s += start * (_safe_max(max_s) - m_new) + tl.sum(
@@ -233,7 +253,7 @@ def _kd_topk_kernel(
                     z_out = z_out * rescale_t + tl.sum(tl.where(outside, e_t, 0.0), axis=0)
                     n_out += tl.sum(outside.to(tl.int32), axis=0)
                 max_s = max_new
-            if T_IS_ONE:
+            if T_POWER == 1:
                 z_1 = z_t
             m = _safe_max(max_s)
         log2_zt = tl.log2(z_t)
@@ -297,30 +317,16 @@ def _kd_topk_kernel(
         # renormalize row with no entry, a NaN value), as its loss.
         poison = tl.where(d != d, float("nan"), 0.0)
 
-        row_loss, ce, lse, label_ok = _row_loss_terms(
-            s_row, student_col_stride, label, V, m, log2_z1, sum_s, d, temperature, alpha,
-            label_smoothing, z_loss, HAS_LABELS, SMOOTHING,
+        s_label, label_ok = _label_logit(s_row, student_col_stride, label, V, HAS_LABELS)
+        # coef_p1 is NaN for a label outside the vocabulary: the whole row's gradient is NaN.
+        row_loss, ce, lse, coef_kl, coef_p1, coef_y, coef_uniform = _row_loss_and_coefficients(
+            s_label, label_ok, V, m, log2_z1, sum_s, d, tl.load(weight_ptr).to(tl.float32),
+            temperature, alpha, label_smoothing, z_loss, HAS_LABELS, SMOOTHING,
         )
-        # A label outside the vocabulary makes the whole row's gradient NaN, as its loss.
-        poison += tl.where(label_ok, 0.0, float("nan"))
-        tl.store(st_row + 0, row_loss.to(stats_ptr.dtype.element_ty))
-        tl.store(st_row + 1, d.to(stats_ptr.dtype.element_ty))
-        tl.store(st_row + 2, ce.to(stats_ptr.dtype.element_ty))
-        tl.store(st_row + 3, (lse * lse).to(stats_ptr.dtype.element_ty))
+        _store_row_stats(st_row, row_loss, d, ce, lse)
 
         if STUDENT_GRAD:
-            weight = tl.load(weight_ptr).to(tl.float32)
-            coef_kl = weight * alpha * temperature
-            coef_ce = weight * (1.0 - alpha)
-            coef_z = weight * 2.0 * z_loss * lse
-            if HAS_LABELS:
-                coef_p1 = coef_ce + coef_z
-                shift = coef_ce * label_smoothing / V - poison
-                coef_y = coef_ce * (1.0 - label_smoothing)
-            else:
-                coef_p1 = coef_z
-                shift = -poison
-                coef_y = 0.0
+            shift = coef_uniform - poison
             # Outside K: coef_kl * e_u * (S_p / Z_T - p_tail / Z_out) (the tail term only where
             # the teacher put mass there, so an empty tail does not divide 0 by 0).
             tail_ratio = tl.where(p_tail == 0.0, 0.0, p_tail / z_out)
@@ -332,7 +338,7 @@ def _kd_topk_kernel(
                 g_k, ids_k, valid_k = _entry_grads(
                     s_row, student_col_stride, ids_row, ids_col_stride, values_row,
                     values_col_stride, kcols, K, V, label, m, k_t, inv_t, log2_zt, log2_z1,
-                    c_p, log2_zp, s_p, coef_kl, coef_p1, coef_y, shift, BUCKET, T_IS_ONE)
+                    c_p, log2_zp, s_p, coef_kl, coef_p1, coef_y, shift, BUCKET, T_POWER)
                 # In place, another thread's dense store may hit a logit gathered here: every
                 # gather completes first.
                 tl.debug_barrier()
@@ -350,10 +356,7 @@ def _kd_topk_kernel(
                     s = tl.load(s_row + offs * student_col_stride, mask=mask,
                                 other=neg_inf).to(tl.float32)
                     e_t = tl.exp2((s - m) * k_t)
-                    if T_IS_ONE:
-                        e_1 = e_t
-                    else:
-                        e_1 = tl.exp2((s - m) * LOG2E)
+                    e_1 = _ce_exponentials(s, m, e_t, T_POWER)
                     g = coef_e * e_t + (coef_p1 * inv_z1) * e_1 - shift
                     g -= tl.where(offs == label, coef_y, 0.0)
                     tl.store(g_row + offs * grad_col_stride, g.to(grad_ptr.dtype.element_ty),
@@ -369,7 +372,7 @@ def _kd_topk_kernel(
                         s_row, student_col_stride, ids_row, ids_col_stride, values_row,
                         values_col_stride, k0 + kcols, K, V, label, m, k_t, inv_t, log2_zt,
                         log2_z1, c_p, log2_zp, s_p, coef_kl, coef_p1, coef_y, shift,
-                        BUCKET, T_IS_ONE)
+                        BUCKET, T_POWER)
                     tl.store(g_row + ids_k * grad_col_stride,
                              g_k.to(grad_ptr.dtype.element_ty), mask=valid_k)
     else:
@@ -442,7 +445,7 @@ def topk_rows(
         BUCKET=tail == "bucket",
         HAS_TAIL=tail_logprob is not None,
         HAS_LABELS=labels is not None,
-        T_IS_ONE=options.temperature == 1.0,
+        T_POWER=temperature_power(options.temperature),
         SMOOTHING=labels is not None and options.label_smoothing > 0.0,
         STUDENT_GRAD=grad_student is not None,
         ON_CHIP=config["ON_CHIP"],

@@ -141,12 +141,15 @@ def simulate_shards(case: dict, device):
     backend = _vocab_parallel_backend(student.device)
     bounds = shard_bounds(vocab, case["sizes"])
     shards = [(s2[:, a:b], t2[:, a:b], a) for a, b in bounds]
+    n_rows = s2.shape[0]
+    # A backend's statistics may come as (N, S) or as (G, N, S) slabs: one slab per shard here.
     stats = [backend.shard_stats(s, t, labels, vocab_start=a, options=options)
-             for s, t, a in shards]
-    state = _torch_backend.combine_stats(torch.stack(stats), options)
+             .reshape(-1, n_rows, _torch_backend.NUM_STATS) for s, t, a in shards]
+    state = _torch_backend.combine_stats(torch.cat(stats), options)
     sums = None
     if options.divergence_id not in ONLINE_DIVERGENCES:
-        sums = sum(backend.shard_divergence_sums(state, s, t, options) for s, t, _ in shards)
+        sums = sum(backend.shard_divergence_sums(state, s, t, options).reshape(-1, n_rows, 3)
+                   .sum(dim=0) for s, t, _ in shards)
     row_stats, a_sum, b_sum = _torch_backend.row_statistics(state, sums, labels, options)
     weight = torch.ones((), dtype=row_stats.dtype, device=device)
     grads_s, grads_t = [], []

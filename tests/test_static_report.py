@@ -52,11 +52,11 @@ BUDGETS = {
     "vp_sums bf16 shard labels T=2 jsd": Budget(77.188, 4.0, 58, 4),
     "vp_grads bf16 shard labels s-grad T=2 forward_kl": Budget(15.125, 2.0, 32, 8),
     "vp_grads bf16 shard labels s-grad T=1 forward_kl": Budget(14.125, 2.0, 32, 8),
-    # Sparse top-k teachers: on-chip rows and the loop of LLM vocabularies.
-    "kd_topk bf16 on-chip 8192 labels s-grad T=2 renormalize k=64": Budget(53.688, 2.312, 64, 2),
-    "kd_topk bf16 on-chip 8192 labels s-grad T=2 bucket k=64": Budget(79.625, 2.25, 110, 1),
-    "kd_topk bf16 LLM labels s-grad T=2 renormalize k=64": Budget(41.125, 4.25, 48, 5),
-    "kd_topk bf16 LLM labels s-grad T=2 bucket k=64": Budget(29.062, 2.062, 125, 2),
+    # Sparse top-k teachers (k = 64): on-chip rows and the loop of LLM vocabularies.
+    "kd_topk bf16 on-chip 8192 labels s-grad T=2 renormalize k=64": Budget(53.0, 1.312, 60, 2),
+    "kd_topk bf16 on-chip 8192 labels s-grad T=2 bucket k=64": Budget(78.062, 1.25, 110, 1),
+    "kd_topk bf16 LLM labels s-grad T=2 renormalize k=64": Budget(38.562, 2.188, 48, 5),
+    "kd_topk bf16 LLM labels s-grad T=2 bucket k=64": Budget(28.062, 1.062, 127, 2),
     "kd_topk bf16 LLM labels s-grad T=1 bucket k=64": Budget(27.062, 1.062, 127, 2),
     # Backward's scale by grad_output.
     "scale_rows bf16 scalar": Budget(3.938, 0.0, 31, 16),
