@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -37,7 +38,7 @@ import transformers
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill_hf  # noqa: E402  (the sibling example: corpus, tokenizer, models, optimiser)
+import distill_hf  # noqa: E402  (the sibling example: corpus, tokenizer, models, perplexity)
 
 import fastkd  # noqa: E402
 from fastkd.offline import TopKCollator, TopKDataset, check_loss_settings, cli  # noqa: E402
@@ -87,6 +88,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def batch_order(num_windows: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """Window indices for each step: seeded shuffles, reshuffled at each epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[torch.Tensor] = []
+    pool = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(pool) < batch_size:
+            pool = torch.cat([pool, torch.randperm(num_windows, generator=gen)])
+        order.append(pool[:batch_size])
+        pool = pool[batch_size:]
+    return order
+
+
+def optimiser(model: torch.nn.Module, lr: float, steps: int):
+    """AdamW, 5 % linear warm-up, then cosine decay to 10 % of the peak."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def step_optimiser(model, opt, sched, loss) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
 def rss_mib(field: str = "VmHWM") -> float:
     """This process's peak (VmHWM) or current (VmRSS) resident memory, from /proc (Linux)."""
     try:
@@ -119,7 +155,7 @@ def run_phase(args, phase: str) -> dict:
 
 
 def student_loop(name, student, batches, loss_fn, args, bar):
-    opt, sched = distill_hf.optimiser(student, args.lr, args.steps)
+    opt, sched = optimiser(student, args.lr, args.steps)
     student.train()
     curve = []
     t0 = time.perf_counter()
@@ -127,7 +163,7 @@ def student_loop(name, student, batches, loss_fn, args, bar):
         logits = student(input_ids=batch["input_ids"],
                          attention_mask=batch["attention_mask"]).logits
         loss = loss_fn(logits, batch)
-        distill_hf.step_optimiser(student, opt, sched, loss)
+        step_optimiser(student, opt, sched, loss)
         curve.append(loss.item())
     return {"seconds": time.perf_counter() - t0, "curve": curve}
 
@@ -184,7 +220,7 @@ def load_run(args):
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(args.out / "teacher")
     dataset = TopKDataset(args.out / "topk", tok, student_vocab_size=len(tok))
     check_loss_settings(dataset.manifest, temperature=args.temperature, tail=args.tail)
-    order = distill_hf.batch_order(len(dataset), args.batch_size, args.steps, args.seed + 2)
+    order = batch_order(len(dataset), args.batch_size, args.steps, args.seed + 2)
     collate = TopKCollator(tok.pad_token_id, values_dtype=torch.float32)
 
     def loader():
@@ -274,14 +310,14 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     teacher = distill_hf.gpt2(vocab_size, n_positions, args.teacher_n_layer, args.teacher_n_embd,
                               0, eos_id, args.seed)
-    opt, sched = distill_hf.optimiser(teacher, args.teacher_lr, args.teacher_steps)
+    opt, sched = optimiser(teacher, args.teacher_lr, args.teacher_steps)
     teacher.train()
-    for indices in tqdm(distill_hf.batch_order(len(train_x), args.batch_size, args.teacher_steps,
+    for indices in tqdm(batch_order(len(train_x), args.batch_size, args.teacher_steps,
                                                args.seed), desc="teacher", **bar):
         logits = teacher(input_ids=train_x[indices], attention_mask=train_m[indices]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), train_y[indices].flatten(),
                                                  ignore_index=distill_hf.IGNORE_INDEX)
-        distill_hf.step_optimiser(teacher, opt, sched, loss)
+        step_optimiser(teacher, opt, sched, loss)
     teacher.eval().requires_grad_(False)
     teacher_seconds = time.perf_counter() - t0
     teacher.save_pretrained(out / "teacher")

@@ -10,6 +10,7 @@ pytest.importorskip("safetensors")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")  # distill_hf, whose helpers the example imports
 
 import fastkd  # noqa: E402
 

@@ -113,6 +113,17 @@ def test_topk_with_tail_against_float64(dtype, temperature, k):
     torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=5e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_with_tail_matches_teacher_topk(temperature):
+    import fastkd
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(7)) * 3
+    ids, lp, _ = topk_with_tail(logits, 16, temperature)
+    ref_ids, ref_lp = fastkd.teacher_topk(logits, 16, temperature=temperature)
+    assert torch.equal(ids.long().sort(-1).values, ref_ids.sort(-1).values)
+    torch.testing.assert_close(lp, ref_lp.float(), rtol=0, atol=1e-5)
+
+
 def test_topk_with_tail_nan_and_bad_k():
     logits = torch.randn(2, 8)
     logits[1, 3] = float("nan")

@@ -14,13 +14,14 @@ shard j holds the same sequences whatever ran before it. That gives
 
 Per teacher row, with z = logits / T (fp32), m = max(z) and e = exp(z - m):
 
-    ids, logprobs = fastkd.teacher_topk(logits, k, temperature=T)   # largest first
+    ids, top = topk(z, k)                            # largest first
+    logprobs = top - (m + log Σ_v e_v)               # as fastkd.teacher_topk returns them
     tail = log Σ_{v ∉ ids} e_v - log Σ_v e_v  = log(1 - Σ_k p_k)
 
 The tail is summed over the entries outside the top k, not taken as log(1 - Σ exp(logprobs)),
 which cancels to 0 or below when the top k hold nearly all the mass: at k = V it is exactly -inf.
-One pass of exponentials serves both sums. Memory traffic per row, beyond teacher_topk's: read
-V logits, write their exponentials, read them twice for the two sums, scatter k zeros.
+One pass of exponentials serves both sums. Memory traffic per row: read V logits, write and
+read back their exponentials for the two sums, one top-k sweep, scatter k zeros.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from pathlib import Path
 import torch
 
 from .._spec import check_loss_options
-from ..topk import teacher_topk
 from .storage import (
     DONE_PATTERN,
     MANIFEST_NAME,
@@ -58,14 +58,16 @@ TOPK_CHUNK_ELEMENTS = 1 << 24
 def topk_with_tail(logits: torch.Tensor, k: int, temperature: float = 1.0):
     """(N, V) logits -> ids (N, k) int32, logprobs (N, k) fp32, tail (N,) fp32.
 
-    ids and logprobs are `fastkd.teacher_topk`'s: the full-vocabulary log-softmax of
-    logits / temperature at the top k, largest first. tail = log(1 - Σ exp(logprobs)), computed
-    from the entries outside the top k, never as a difference (see the module docstring). In
-    chunks of rows, in fp32:
+    ids and logprobs are what `fastkd.teacher_topk` returns (up to the order of ties): the
+    full-vocabulary log-softmax of logits / temperature at the top k, largest first. tail =
+    log(1 - Σ exp(logprobs)), computed from the entries outside the top k, never as a difference
+    (see the module docstring). In chunks of rows, in fp32, one exponential per entry serving
+    both sums:
 
-        ids, logprobs = fastkd.teacher_topk(logits, k, temperature=temperature)
         z = logits.float() / temperature
         e = (z - z.amax(-1, keepdim=True)).exp()
+        top, ids = z.topk(k)
+        logprobs = top - z.logsumexp(-1, keepdim=True)
         tail = e.scatter(-1, ids, 0).sum(-1).log() - e.sum(-1).log()
     """
     if logits.dim() != 2:
@@ -79,16 +81,16 @@ def topk_with_tail(logits: torch.Tensor, k: int, temperature: float = 1.0):
     tail = torch.empty(n, dtype=torch.float32, device=logits.device)
     step = max(1, TOPK_CHUNK_ELEMENTS // v)
     for a in range(0, n, step):
-        chunk = logits[a : a + step]
-        idx, lp = teacher_topk(chunk, k, temperature=temperature)
-        z = chunk.float()
+        z = logits[a : a + step].float()
         if temperature != 1.0:
             z = z / temperature
-        # One exponential per entry gives the complement's sum and the row's.
+        # One exponential per entry gives the row's normaliser and the complement's sum.
         m = z.amax(dim=-1, keepdim=True)
         m = torch.where(m == float("-inf"), 0.0, m)  # a fully masked row: no inf - inf
         e = (z - m).exp_()
         log_total = e.sum(dim=-1).log()
+        top, idx = z.topk(k, dim=-1)
+        lp = top - (m + log_total[:, None])
         ids[a : a + step] = idx
         logprobs[a : a + step] = lp
         # The complement summed directly (entries relative to the row's max, so <= 1): no
