@@ -266,3 +266,53 @@ def test_lora_student_trains_only_its_adapters(tmp_path, pair):
     trainer.train()
     moved = {n for n, p in lora.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved)
+
+
+def _with_stored_topk(rows, teacher, k, temperature):
+    """rows + the teacher's top-k at each position (what fastkd.offline's collator yields)."""
+    stored = []
+    for row in rows:
+        with torch.no_grad():
+            logits = teacher(input_ids=row["input_ids"][None],
+                             attention_mask=row["attention_mask"][None]).logits[0]
+        ids, values, tail = fastkd.teacher_topk(logits, k, temperature=temperature,
+                                                return_tail_logprob=True)
+        stored.append({**row, "teacher_topk_ids": ids, "teacher_topk_values": values,
+                       "teacher_tail_logprob": tail})
+    return stored
+
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_stored_teacher_step_equals_topk_kd_loss(tmp_path, pair, fused, tail):
+    """teacher_model=None: the loss and update of fastkd.topk_kd_loss on the stored entries."""
+    student, teacher = pair
+    rows = _with_stored_topk(token_batches(1, batch_size=2, seed=4), teacher, k=8,
+                             temperature=KD["temperature"])
+    logs, update = one_step(tmp_path, student, None, rows, batch_size=2, accumulation=1,
+                            fused_linear=fused, tail=tail, verify_lm_head=False)
+    reference_student = copy.deepcopy(student)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    logits = reference_student(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits
+    loss = fastkd.topk_kd_loss(
+        logits, batch["teacher_topk_ids"], batch["teacher_topk_values"],
+        fastkd.shift_labels(batch["labels"]), tail=tail,
+        teacher_tail_logprob=batch["teacher_tail_logprob"] if tail == "bucket" else None, **KD)
+    loss.backward()
+    assert logs["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert_updates_close(update, {n: -LR * p.grad for n, p in
+                                  reference_student.named_parameters()}, rtol=1e-9)
+
+
+def test_stored_teacher_refusals(tmp_path, pair):
+    student, _ = pair
+    with pytest.raises(ValueError, match="whose divergence is forward KL"):
+        fhf.KDTrainer(model=student, teacher_model=None, divergence="jsd",
+                      args=make_args(tmp_path, 2, 1), train_dataset=[])
+    rows = token_batches(1, batch_size=2, seed=4)
+    trainer = fhf.KDTrainer(model=student, teacher_model=None, args=make_args(tmp_path, 2, 1),
+                            train_dataset=rows, verify_lm_head=False, **KD)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    with pytest.raises(ValueError, match="stored top-k teacher"):
+        trainer.compute_loss(student, batch)

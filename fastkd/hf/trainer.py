@@ -33,7 +33,9 @@ __all__ = ["KDTrainer", "run_as_forward", "shifted_labels"]
 
 LABEL_KEYS = ("labels", "shift_labels")
 # Keys the Trainer or a collator may put in a batch that are not backbone inputs.
-NOT_MODEL_INPUTS = (*LABEL_KEYS, "num_items_in_batch", "return_loss")
+# A stored teacher's batch keys (fastkd.offline.TopKCollator): used with teacher_model=None.
+TEACHER_TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_values", "teacher_tail_logprob")
+NOT_MODEL_INPUTS = (*LABEL_KEYS, *TEACHER_TOPK_KEYS, "num_items_in_batch", "return_loss")
 # Logged names of fastkd.KDLossComponents' divergence, ce and lse_squared.
 COMPONENTS = ("kd_divergence", "kd_ce", "kd_lse_squared")
 
@@ -112,6 +114,24 @@ def _teacher_head(head: hf_config.LMHead, vocab: int) -> hf_config.LMHead:
     return head._replace(weight=whole(head.weight), bias=whole(head.bias))
 
 
+def _stored_teacher(inputs, leading_shape):
+    """(ids, values, tail log-prob or None) of a stored top-k teacher's batch."""
+    missing = [key for key in TEACHER_TOPK_KEYS[:2] if key not in inputs]
+    if missing:
+        raise ValueError(
+            f"teacher_model=None trains from a stored top-k teacher: the batch needs {missing} "
+            "(fastkd.offline.TopKCollator; keep them with remove_unused_columns=False or "
+            "KDTrainer's signature columns)"
+        )
+    ids, values = inputs["teacher_topk_ids"], inputs["teacher_topk_values"]
+    if ids.shape[:-1] != leading_shape:
+        raise ValueError(
+            f"teacher_topk_ids must be (*labels.shape, k) = ({tuple(leading_shape)}, k), got "
+            f"{tuple(ids.shape)}"
+        )
+    return ids, values, inputs.get("teacher_tail_logprob")
+
+
 class KDTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose loss distils ``teacher_model`` into ``model`` with fastkd.
 
@@ -131,7 +151,11 @@ class KDTrainer(transformers.Trainer):
             backbone).
         teacher_model: the teacher, run without gradients in eval mode on the student's device.
             It may differ in width, depth and dtype; its vocabulary must cover the student's (a
-            larger, padded one is cut to the student's size).
+            larger, padded one is cut to the student's size). None: train from a stored top-k
+            teacher (``fastkd.offline``): every batch carries ``teacher_topk_ids``,
+            ``teacher_topk_values`` and, for ``tail="bucket"``, ``teacher_tail_logprob``, at the
+            positions of the student's logits, and the loss is ``fastkd.topk_kd_loss`` (or
+            ``linear_topk_kd_loss`` with ``fused_linear``); the divergence is forward KL.
         args: ``TrainingArguments``. ``label_smoothing_factor`` must stay 0 (use
             ``label_smoothing``).
         temperature, alpha, divergence, beta, skew, label_smoothing, z_loss, ignore_index: the
@@ -144,6 +168,8 @@ class KDTrainer(transformers.Trainer):
         verify_lm_head: run each model once on a few tokens at construction and raise if its
             logits are not ``softcap(scale * lm_head(h))`` with the values used
             (``fastkd.hf.verify_lm_head``).
+        tail: how a stored top-k teacher's remaining mass is read (teacher_model=None only):
+            "renormalize" or "bucket", as in ``fastkd.topk_kd_loss``.
         **kwargs: the rest of ``transformers.Trainer``'s arguments (train_dataset, ...), except
             ``compute_loss_func``.
 
@@ -173,6 +199,7 @@ class KDTrainer(transformers.Trainer):
         student_logit_postprocessing: tuple[float, float | None] | None = None,
         teacher_logit_postprocessing: tuple[float, float | None] | None = None,
         verify_lm_head: bool = True,
+        tail: str = "renormalize",
         **kwargs,
     ):
         if not hasattr(transformers.Trainer, "_get_num_items_in_batch"):
@@ -180,8 +207,15 @@ class KDTrainer(transformers.Trainer):
                 f"fastkd.hf.KDTrainer needs a transformers whose Trainer counts the step's label "
                 f"tokens in _get_num_items_in_batch (5.x); found {transformers.__version__}"
             )
-        if model is None or teacher_model is None:
-            raise ValueError("KDTrainer needs both model (the student) and teacher_model")
+        if model is None:
+            raise ValueError("KDTrainer needs model (the student)")
+        if teacher_model is None and divergence != "forward_kl":
+            raise ValueError(
+                "teacher_model=None trains from a stored top-k teacher (fastkd.topk_kd_loss), "
+                f"whose divergence is forward KL; got divergence={divergence!r}"
+            )
+        if tail not in ("renormalize", "bucket"):
+            raise ValueError(f"tail must be 'renormalize' or 'bucket', got {tail!r}")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("KDTrainer computes the loss itself: do not pass compute_loss_func")
         if not isinstance(fused_linear, bool):
@@ -194,7 +228,8 @@ class KDTrainer(transformers.Trainer):
         if fused_linear and not hasattr(fastkd, "linear_kd_loss"):
             raise ValueError("this fastkd version has no linear_kd_loss: use fused_linear=False")
         hf_config.check_peft(model)
-        hf_config.check_peft(teacher_model)
+        if teacher_model is not None:
+            hf_config.check_peft(teacher_model)
         options = check_loss_options(
             temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
             label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
@@ -206,6 +241,7 @@ class KDTrainer(transformers.Trainer):
             z_loss=options.z_loss, ignore_index=options.ignore_index,
         )
         self.ignore_index = options.ignore_index
+        self.tail = tail
         self.fused_linear = fused_linear
         self.chunk_size = chunk_size
         self._postprocessing = {"student": student_logit_postprocessing,
@@ -220,19 +256,23 @@ class KDTrainer(transformers.Trainer):
                 "KDTrainer does not support torch.nn.DataParallel (several GPUs in one process); "
                 "launch one process per GPU (torchrun / accelerate launch)"
             )
-        if getattr(teacher_model, "hf_device_map", None) is None:
-            teacher_model = teacher_model.to(self.args.device)
-        self.teacher_model = teacher_model.eval()
         student_head = hf_config.lm_head(model, student_logit_postprocessing)
-        teacher_head = hf_config.lm_head(teacher_model, teacher_logit_postprocessing)
-        if teacher_head.weight.shape[0] < student_head.weight.shape[0]:
-            raise ValueError(
-                f"the teacher's vocabulary ({teacher_head.weight.shape[0]}) is smaller than the "
-                f"student's ({student_head.weight.shape[0]}): they must share one vocabulary"
-            )
         if verify_lm_head:
             hf_config.verify_lm_head(model, student_head)
-            hf_config.verify_lm_head(teacher_model, teacher_head)
+        self.teacher_model = None
+        if teacher_model is not None:
+            if getattr(teacher_model, "hf_device_map", None) is None:
+                teacher_model = teacher_model.to(self.args.device)
+            self.teacher_model = teacher_model.eval()
+            teacher_head = hf_config.lm_head(teacher_model, teacher_logit_postprocessing)
+            if teacher_head.weight.shape[0] < student_head.weight.shape[0]:
+                raise ValueError(
+                    f"the teacher's vocabulary ({teacher_head.weight.shape[0]}) is smaller than "
+                    f"the student's ({student_head.weight.shape[0]}): they must share one "
+                    "vocabulary"
+                )
+            if verify_lm_head:
+                hf_config.verify_lm_head(teacher_model, teacher_head)
         # Detached component sums since the last log, per mode, and eval batches counted.
         self._component_sums = {"train": None, "eval": None}
         self._component_counts = {"train": 0, "eval": 0}
@@ -298,11 +338,19 @@ class KDTrainer(transformers.Trainer):
             if self.args.average_tokens_across_devices:
                 # The count covers every process, whose gradients DDP / FSDP average.
                 normalizer = normalizer / self.accelerator.num_processes
+        inner_student = self.accelerator.unwrap_model(model)
+        if self.teacher_model is None:
+            stored = _stored_teacher(inputs, labels.shape)
+            with self.accelerator.autocast():
+                loss, components = run_as_forward(
+                    model, inner_student, self._student_topk_loss, inner_student, model_inputs,
+                    labels, stored, normalizer,
+                )
+            return self._keep_components(model, loss, components, normalizer, return_outputs)
         teacher = self.teacher_model
         if teacher.training:
             teacher.eval()
         inner_teacher = self.accelerator.unwrap_model(teacher)
-        inner_student = self.accelerator.unwrap_model(model)
         with self.accelerator.autocast():
             with torch.no_grad():
                 teacher_hidden = run_as_forward(teacher, inner_teacher, hf_config.last_hidden_state,
@@ -312,6 +360,9 @@ class KDTrainer(transformers.Trainer):
                 model, inner_student, self._student_loss, inner_student, model_inputs, labels,
                 teacher_hidden, teacher_head, normalizer,
             )
+        return self._keep_components(model, loss, components, normalizer, return_outputs)
+
+    def _keep_components(self, model, loss, components, normalizer, return_outputs):
         mode = "train" if model.training else "eval"
         if normalizer is not None and self.args.average_tokens_across_devices:
             components = components * self.accelerator.num_processes
@@ -320,6 +371,31 @@ class KDTrainer(transformers.Trainer):
         if mode == "eval":
             self._component_counts[mode] += 1
         return (loss, None) if return_outputs else loss
+
+    def _student_topk_loss(self, student, model_inputs, labels, stored, normalizer):
+        """The loss against a stored top-k teacher (teacher_model=None), as the student
+        wrapper's forward."""
+        hidden = hf_config.last_hidden_state(student, **model_inputs)
+        head = hf_config.lm_head(student, self._postprocessing["student"])
+        ids, values, tail_logprob = stored
+        options = {k: v for k, v in self.loss_options.items()
+                   if k not in ("divergence", "beta", "skew")}
+        options.update(tail=self.tail, return_components=True,
+                       teacher_tail_logprob=tail_logprob if self.tail == "bucket" else None)
+        options.update(dict(reduction="mean") if normalizer is None
+                       else dict(reduction="sum", normalizer=normalizer))
+        if self.fused_linear:
+            if self.chunk_size is not None:
+                options["chunk_size"] = self.chunk_size
+            head = _gathered(head)
+            result = fastkd.linear_topk_kd_loss(
+                hidden, head.weight, ids, values, labels, student_bias=head.bias,
+                student_logit_scale=head.logit_scale, student_softcap=head.softcap, **options)
+        else:
+            logits = hf_config.head_logits(_gathered(head), hidden)
+            result = fastkd.topk_kd_loss(logits, ids, values, labels, **options)
+        components = torch.stack([result.divergence, result.ce, result.lse_squared])
+        return result.loss, components.detach()
 
     def _student_loss(self, student, model_inputs, labels, teacher_hidden, teacher_head,
                       normalizer):
@@ -349,8 +425,9 @@ class KDTrainer(transformers.Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if "shift_labels" not in self._signature_columns:
-            self._signature_columns.append("shift_labels")
+        for key in ("shift_labels", *TEACHER_TOPK_KEYS):
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss of a batch (normalised by its own label tokens, across processes); the
