@@ -61,12 +61,25 @@ def rows_view(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     Sliced batches such as ``logits[:, :-1]`` cannot be viewed as (N, V); the kernels read them
     through their three strides instead, so the N x V logits are never copied.
     """
-    try:
+    if _leading_dims_collapse(logits):
         return logits.view(-1, vocab)
-    except RuntimeError:
-        if logits.dim() == 3:
-            return logits
-        return logits.reshape(-1, vocab)
+    if logits.dim() == 3:
+        return logits
+    return logits.reshape(-1, vocab)
+
+
+def _leading_dims_collapse(logits: torch.Tensor) -> bool:
+    """Whether the leading dimensions flatten into one without a copy (view(-1, V) works):
+    each one's stride spans the dimensions inside it."""
+    span = None
+    for size, stride in zip(reversed(logits.shape[:-1]), reversed(logits.stride()[:-1]),
+                            strict=True):
+        if size == 1:
+            continue
+        if span is not None and stride != span:
+            return False
+        span = stride * size
+    return True
 
 
 def _run_dense(plan: DensePlan, student_logits, teacher_logits, labels):
