@@ -7,7 +7,7 @@ from pathlib import Path
 
 MIB = 1 << 20
 
-# The targets.
+# The project's performance targets, checked by the report.
 GPU_COPY_FRACTION_TARGET = 0.85  # fastkd fwd+bwd, bf16, V >= 32k
 GPU_MIN_VOCAB_FOR_BANDWIDTH = 32000
 SPEEDUP_TARGET = 1.5  # fastkd vs the fastest other provider, GPU
