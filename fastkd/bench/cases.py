@@ -52,8 +52,8 @@ def grid(n_rows, vocabs, dtypes, modes=MODES) -> list[Case]:
     return [Case(n, v, d, m) for d in dtypes for n in n_rows for v in vocabs for m in modes]
 
 
-# Shape sets. "gpu" is the LLM grid (N x V); "gpu-quick" is the subset the one-command GPU check runs in
-# its time budget; "cpu" fits the 3-minute budget of a 2-core machine.
+# Shape sets. "gpu" is the LLM grid (N x V); "gpu-quick" is the subset the one-command GPU check
+# runs in its time budget; "cpu" fits the 3-minute budget of a 2-core machine.
 SHAPE_SETS = {
     "gpu": grid((4096, 16384), (32000, 128256, 151936, 262144), ("bf16", "fp32")),
     "gpu-quick": grid((4096,), (32000, 128256, 262144), ("bf16",)) + grid(
