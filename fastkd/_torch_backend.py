@@ -493,6 +493,18 @@ def _forward_kl_rows(student, teacher, labels, weight, row_stats, grad_student, 
             grad_student[rows] = g_s
 
 
+def per_batch(rows_fn, student, teacher, labels, weight, row_stats, grad_student, grad_teacher,
+              options: LossOptions) -> None:
+    """Run a 2-D rows function (the kd_rows contract) on (B, L, V) logits one batch at a time:
+    each (L, V) slice is a view, so sliced batches are not copied to (N, V)."""
+    rows = student.shape[1]
+    for b in range(student.shape[0]):
+        flat = slice(b * rows, (b + 1) * rows)
+        rows_fn(student[b], teacher[b], labels[flat] if labels is not None else None, weight,
+                row_stats[flat], grad_student[flat] if grad_student is not None else None,
+                grad_teacher[flat] if grad_teacher is not None else None, options)
+
+
 def kd_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teacher,
             options: LossOptions) -> None:
     """The single-device loss: every step above with one shard, chunk by chunk.
@@ -501,13 +513,8 @@ def kd_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teac
     (B, L, V) logits go batch by batch, each an (L, V) view: nothing is copied to (N, V).
     """
     if student.dim() == 3:
-        rows = student.shape[1]
-        for b in range(student.shape[0]):
-            flat = slice(b * rows, (b + 1) * rows)
-            kd_rows(student[b], teacher[b], labels[flat] if labels is not None else None,
-                    weight, row_stats[flat], grad_student[flat] if grad_student is not None
-                    else None, grad_teacher[flat] if grad_teacher is not None else None,
-                    options)
+        per_batch(kd_rows, student, teacher, labels, weight, row_stats, grad_student,
+                  grad_teacher, options)
         return
     if options.divergence_id == FORWARD_KL:
         _forward_kl_rows(student, teacher, labels, weight, row_stats, grad_student, grad_teacher,

@@ -326,6 +326,26 @@ def _block_grads(
 
 
 @triton.jit
+def _store_grads(
+    gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, mask, grad_s, grad_t,
+    STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Store a block's gradients in their buffers' dtypes (unmasked for full blocks)."""
+    if STUDENT_GRAD:
+        if MASKED:
+            tl.store(gs_row + offs * grad_s_col_stride, grad_s.to(gs_row.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(gs_row + offs * grad_s_col_stride, grad_s.to(gs_row.dtype.element_ty))
+    if TEACHER_GRAD:
+        if MASKED:
+            tl.store(gt_row + offs * grad_t_col_stride, grad_t.to(gt_row.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(gt_row + offs * grad_t_col_stride, grad_t.to(gt_row.dtype.element_ty))
+
+
+@triton.jit
 def _grad_values(
     s, t, offs, label, m_s, m_t, log2_za, log2_zb, log2_z1, divergence, a_sum, b_sum, inv_t,
     k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
@@ -378,18 +398,8 @@ def _grad_block(
         k_t, lam, log_lam, log_1m_lam, coef_div, coef_p1, coef_label, coef_uniform,
         DIVERGENCE, T_POWER, HAS_LABELS, False, SMOOTHING, TEACHER_GRAD,
     )
-    if STUDENT_GRAD:
-        if MASKED:
-            tl.store(gs_row + offs * grad_s_col_stride, grad_s.to(gs_row.dtype.element_ty),
-                     mask=mask)
-        else:
-            tl.store(gs_row + offs * grad_s_col_stride, grad_s.to(gs_row.dtype.element_ty))
-    if TEACHER_GRAD:
-        if MASKED:
-            tl.store(gt_row + offs * grad_t_col_stride, grad_t.to(gt_row.dtype.element_ty),
-                     mask=mask)
-        else:
-            tl.store(gt_row + offs * grad_t_col_stride, grad_t.to(gt_row.dtype.element_ty))
+    _store_grads(gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, offs, mask, grad_s,
+                 grad_t, STUDENT_GRAD, TEACHER_GRAD, MASKED)
 
 
 @triton.jit
@@ -664,12 +674,8 @@ def _kd_loss_fwd_kernel(
                     log2_zb, divergence, a_sum, b_sum, inv_t, coef_div, coef_p1, coef_label,
                     coef_uniform, DIVERGENCE, HAS_LABELS, True, SMOOTHING, TEACHER_GRAD,
                 )
-                if STUDENT_GRAD:
-                    tl.store(gs_row + cols * grad_s_col_stride,
-                             grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
-                if TEACHER_GRAD:
-                    tl.store(gt_row + cols * grad_t_col_stride,
-                             grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
+                _store_grads(gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, cols, mask,
+                             grad_s, grad_t, STUDENT_GRAD, TEACHER_GRAD, True)
             else:
                 _grad_sweep(
                     s_row, student_col_stride, t_row, teacher_col_stride,
@@ -681,8 +687,7 @@ def _kd_loss_fwd_kernel(
                 )
     else:
         # Ignored row: no loss, zero gradient, and its logits are never read.
-        for k in tl.static_range(4):
-            tl.store(stats_row + k, 0.0)
+        _store_row_stats(stats_row, 0.0, 0.0, 0.0, 0.0)
         _store_zero_grads(gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, V,
                           STUDENT_GRAD, TEACHER_GRAD, BLOCK_V)
 
@@ -840,13 +845,8 @@ def _two_launch_rows(student, teacher, labels, weight, row_stats, grad_student, 
     from . import kd_vocab_parallel
 
     if student.dim() == 3:
-        rows = student.shape[1]
-        for b in range(student.shape[0]):
-            flat = slice(b * rows, (b + 1) * rows)
-            _two_launch_rows(student[b], teacher[b], labels[flat] if labels is not None else None,
-                             weight, row_stats[flat],
-                             grad_student[flat] if grad_student is not None else None,
-                             grad_teacher[flat] if grad_teacher is not None else None, options)
+        _torch_backend.per_batch(_two_launch_rows, student, teacher, labels, weight, row_stats,
+                                 grad_student, grad_teacher, options)
         return
     row_stats.copy_(_torch_backend.run_shard_steps(
         kd_vocab_parallel, student, teacher, labels, weight, options, vocab_start=0,

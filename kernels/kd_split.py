@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _torch_backend
 from .._spec import LossOptions
 from .divergences import FORWARD_KL, REVERSE_KL, divergence_terms, online_row_sums
 from .kd_loss import (
@@ -49,6 +50,7 @@ from .kd_loss import (
     _row_label,
     _row_loss_and_coefficients,
     _safe_max,
+    _store_grads,
     _store_row_stats,
     kernel_flags,
 )
@@ -207,16 +209,11 @@ def _split_kernel(
                     divergence, a_sum, b_sum, inv_t, coef_div, coef_p1, coef_label,
                     coef_uniform, DIVERGENCE, HAS_LABELS, True, SMOOTHING, TEACHER_GRAD,
                 )
-                if STUDENT_GRAD:
-                    tl.store(gs_row + cols * grad_s_col_stride,
-                             grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
-                if TEACHER_GRAD:
-                    tl.store(gt_row + cols * grad_t_col_stride,
-                             grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
+                _store_grads(gs_row, grad_s_col_stride, gt_row, grad_t_col_stride, cols, mask,
+                             grad_s, grad_t, STUDENT_GRAD, TEACHER_GRAD, True)
         else:
             if member == 0:
-                for k in tl.static_range(4):
-                    tl.store(stats_row + k, 0.0)
+                _store_row_stats(stats_row, 0.0, 0.0, 0.0, 0.0)
             if STUDENT_GRAD:
                 tl.store(gs_row + cols * grad_s_col_stride,
                          tl.zeros((SLICE,), grad_s_ptr.dtype.element_ty), mask=mask)
@@ -256,13 +253,8 @@ def split_rows(student, teacher, labels, weight, row_stats, grad_student, grad_t
     from .kd_loss import _two_launch_rows
 
     if student.dim() == 3:
-        rows = student.shape[1]
-        for b in range(student.shape[0]):
-            flat = slice(b * rows, (b + 1) * rows)
-            split_rows(student[b], teacher[b], labels[flat] if labels is not None else None,
-                       weight, row_stats[flat],
-                       grad_student[flat] if grad_student is not None else None,
-                       grad_teacher[flat] if grad_teacher is not None else None, options)
+        _torch_backend.per_batch(split_rows, student, teacher, labels, weight, row_stats,
+                                 grad_student, grad_teacher, options)
         return
     n_rows, vocab = student.shape
     parts = triton.cdiv(vocab, SLICE_V)
